@@ -1,0 +1,116 @@
+"""A flat config dataclass <-> command line: `--field value` overrides, `--help` lists every field with its
+default and the one-line comment written next to it in the dataclass source."""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import inspect
+import io
+import json
+import sys
+import tokenize
+import typing
+
+
+class ConfigError(SystemExit):
+    pass
+
+
+def field_comments(cls) -> dict[str, str]:
+    """{field: comment} from `name: type = default  # comment` lines of the class source."""
+    comments = {}
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return comments
+    pending = None
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.NAME and tok.start[1] == 4 and pending is None:
+            pending = (tok.string, tok.start[0])
+        elif tok.type == tokenize.COMMENT and pending and tok.start[0] == pending[1]:
+            comments[pending[0]] = tok.string.lstrip("#").strip()
+        if tok.type in (tokenize.NEWLINE, tokenize.NL):
+            pending = None
+    return comments
+
+
+def _parse_value(name: str, text: str, typ):
+    origin = typing.get_origin(typ)
+    if origin is typing.Literal:
+        choices = typing.get_args(typ)
+        if text not in choices:
+            raise ConfigError(f"--{name}: {text!r} is not one of {', '.join(map(str, choices))}")
+        return text
+    if typ is bool:
+        low = text.lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"--{name}: expected true or false, got {text!r}")
+    if typ in (int, float):
+        try:
+            return typ(text)
+        except ValueError:
+            raise ConfigError(f"--{name}: expected {typ.__name__}, got {text!r}") from None
+    return text
+
+
+def help_text(cls, prog: str) -> str:
+    comments = field_comments(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
+    lines = [f"usage: {prog} [--field value ...]", "", (cls.__doc__ or "").strip(), "", "options:"]
+    for f in dataclasses.fields(cls):
+        typ = hints[f.name]
+        kind = "|".join(map(str, typing.get_args(typ))) if typing.get_origin(typ) is typing.Literal else typ.__name__
+        flag = "--" + f.name.replace("_", "-")
+        lines.append(f"  {flag} {kind.upper() if kind in ('int', 'float', 'str') else kind}  "
+                     f"[default: {json.dumps(f.default)}]")
+        lines.append(f"      {comments.get(f.name, '')}")
+    return "\n".join(lines)
+
+
+def parse_config(cls, argv: list[str] | None = None, prog: str = "train.py"):
+    """Build `cls` from `--field value` / `--field=value` pairs (dashes or underscores; a bare `--flag` sets a
+    bool to true). Unknown flags and bad values exit with a message that says what to do."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    hints = typing.get_type_hints(cls, include_extras=True)
+    names = [f.name for f in dataclasses.fields(cls)]
+    values = {}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in ("-h", "--help"):
+            print(help_text(cls, prog))
+            raise SystemExit(0)
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r}: options look like --field value (see --help)")
+        key, eq, inline = arg[2:].partition("=")
+        name = key.replace("-", "_")
+        if name not in hints:
+            close = difflib.get_close_matches(name, names, n=1, cutoff=0.5)
+            hint = f"; did you mean --{close[0].replace('_', '-')}?" if close else "; see --help for the options"
+            raise ConfigError(f"unknown option --{key}{hint}")
+        typ = hints[name]
+        if eq:
+            text = inline
+        elif typ is bool and (i + 1 >= len(argv) or argv[i + 1].startswith("--")):
+            text = "true"
+        else:
+            if i + 1 >= len(argv):
+                raise ConfigError(f"--{key} needs a value (see --help)")
+            i += 1
+            text = argv[i]
+        values[name] = _parse_value(key, text, typ)
+        i += 1
+    config = cls(**values)
+    if hasattr(config, "validate"):
+        problem = config.validate()
+        if problem:
+            raise ConfigError(f"bad configuration: {problem}")
+    return config
+
+
+def config_to_json(config) -> str:
+    return json.dumps(dataclasses.asdict(config), indent=2)
+
