@@ -81,12 +81,12 @@ def _reference_loss(logp, old, adv, mask, eps_lo, eps_hi, ref, beta, mode, max_l
     for i in range(S):
         s_sum, s_n = 0.0, 0
         for t in range(T):
-            if mask[i, t] == 0:
+            if mask[i][t] == 0:
                 continue
-            r = math.exp(logp[i, t] - old[i, t])
-            a = adv[i, t]
+            r = math.exp(logp[i][t] - old[i][t])
+            a = adv[i][t]
             term = -min(r * a, min(max(r, 1 - eps_lo), 1 + eps_hi) * a)
-            d = ref[i, t] - logp[i, t]
+            d = ref[i][t] - logp[i][t]
             term += beta * (math.exp(d) - d - 1)
             s_sum += term
             s_n += 1
