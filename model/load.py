@@ -170,3 +170,86 @@ def load_model(name: str = DEFAULT_MODEL, device="auto", dtype: str = "auto", at
 def load(name: str = DEFAULT_MODEL, device="auto", dtype: str = "auto", attn: str = "auto", cache_dir=None):
     """(model, tokenizer) in one call."""
     return load_model(name, device, dtype, attn, cache_dir), load_tokenizer(name, cache_dir)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Checkpoints: <run>/checkpoints/step-000040/ holds the policy (save_pretrained: safetensors + config, loads with
+# AutoModelForCausalLM.from_pretrained), its tokenizer, config.json of the run, and trainer_state.pt
+# (optimizer, scheduler, data cursor, step) plus rng-rank<k>.pt for every rank. Written to a .tmp directory and
+# renamed, so a crash never leaves a half checkpoint that --resume auto could pick up.
+
+CKPT_PREFIX = "step-"
+
+
+def checkpoint_dir(run_dir, step: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"{CKPT_PREFIX}{step:06d}"
+
+
+def rng_state() -> dict:
+    import random
+
+    import numpy as np
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    import random
+
+    import numpy as np
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(run_dir, step: int, model_state: dict | None, model, tokenizer, trainer_state: dict,
+                    config_json: str, rank: int, world_size: int, barrier=lambda: None) -> Path:
+    """Every rank writes its RNG state; rank 0 writes the rest and renames when all are done.
+    `model_state` is a full (unsharded) state dict on rank 0, or None to use model.state_dict()."""
+    final = checkpoint_dir(run_dir, step)
+    tmp = final.with_name(final.name + ".tmp")
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    torch.save(rng_state(), tmp / f"rng-rank{rank}.pt")
+    if rank == 0:
+        model.save_pretrained(tmp, state_dict=model_state, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        torch.save(trainer_state, tmp / "trainer_state.pt")
+        (tmp / "run_config.json").write_text(config_json)
+    barrier()
+    if rank == 0:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    barrier()
+    return final
+
+
+def latest_checkpoint(run_dir) -> Path | None:
+    """Newest complete checkpoint (a .tmp one is never complete)."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return None
+    done = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(CKPT_PREFIX)
+                  and not p.name.endswith(".tmp") and (p / "trainer_state.pt").is_file())
+    return done[-1] if done else None
+
+
+def prune_checkpoints(run_dir, keep_last: int) -> None:
+    root = Path(run_dir) / "checkpoints"
+    if keep_last <= 0 or not root.is_dir():
+        return
+    for p in root.iterdir():  # leftovers of a crash mid-write
+        if p.name.endswith(".tmp"):
+            shutil.rmtree(p, ignore_errors=True)
+    done = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(CKPT_PREFIX))
+    for p in done[:-keep_last]:
+        shutil.rmtree(p, ignore_errors=True)
