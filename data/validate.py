@@ -1,0 +1,367 @@
+"""The canonical record and its rule-based (AST) validation.
+
+A canonical record is one JSON object per line:
+
+    {"id": str,
+     "messages": [{"role": "system"|"user"|"assistant", "content": str}, ...],
+     "tools": [{"name": str, "description": str,
+                "parameters": {"type": "object", "properties": {...}, "required": [...]}}],
+     "answers": [{"name": str, "arguments": {...}}],     # [] means "no call is correct"
+     "category": "simple"|"multiple"|"parallel"|"parallel_multiple"|"irrelevance",
+     "reasoning": str, "difficulty": "easy"|"medium"|"hard", "source": str}   # the last three optional
+
+Validation checks that every reference call fits its tool's schema (function exists, required
+parameters present, no unknown parameters, right types and enum values). Changes that keep the
+meaning of a value (the string "3" for an integer parameter, "true" for a boolean, a number for a
+string, an enum value in the wrong case, ...) are applied and listed as repairs; anything else
+raises RecordError. Schemas in BFCL's dialect (dict, float, tuple, any) are read as well.
+Plain dict/type checks only: this runs at well over 20k records/s on one core.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+
+CATEGORIES = ("simple", "multiple", "parallel", "parallel_multiple", "irrelevance")
+ROLES = ("system", "user", "assistant", "tool")
+
+# JSON Schema names and the dialects we meet in the wild (BFCL, Python annotations) -> one name.
+# None means "any value".
+TYPE_NAMES = {
+    "object": "object", "dict": "object",
+    "integer": "integer", "int": "integer",
+    "number": "number", "float": "number", "double": "number",
+    "string": "string", "str": "string",
+    "boolean": "boolean", "bool": "boolean",
+    "array": "array", "list": "array", "tuple": "array",
+    "null": "null", "any": None,
+}
+_INT_RE = re.compile(r"[+-]?\d+")
+_NUM_RE = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+class RecordError(Exception):
+    """A record that cannot be used: `reason` is a short code for statistics ("ast:unknown-param"),
+    `detail` says what exactly was wrong."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+# ----------------------------------------------------------------------------- record structure
+
+def check_structure(rec) -> None:
+    """Raise RecordError("record:...") if `rec` is not shaped like a canonical record."""
+    if not isinstance(rec, dict):
+        raise RecordError("record:not-an-object", f"expected a JSON object, got {type(rec).__name__}")
+    if not isinstance(rec.get("id"), str) or not rec["id"]:
+        raise RecordError("record:id", "field 'id' must be a non-empty string")
+    msgs = rec.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        raise RecordError("record:messages", "field 'messages' must be a non-empty list of chat messages")
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise RecordError("record:messages",
+                              f"messages[{i}] must be {{'role': one of {ROLES}, 'content': str}}, got {m!r:.120}")
+    if not any(m["role"] == "user" for m in msgs):
+        raise RecordError("record:messages", "no user message")
+    tools = rec.get("tools")
+    if not isinstance(tools, list):
+        raise RecordError("record:tools", "field 'tools' must be a list of function schemas")
+    for i, t in enumerate(tools):
+        if not isinstance(t, dict) or not isinstance(t.get("name"), str) or not t["name"]:
+            raise RecordError("record:tools", f"tools[{i}] has no name")
+        p = t.get("parameters", {})
+        if not isinstance(p, dict) or not isinstance(p.get("properties", {}), dict) \
+                or not isinstance(p.get("required", []), list):
+            raise RecordError("record:tools", f"tools[{i}] ({t['name']}): 'parameters' must be "
+                                              "{'type': 'object', 'properties': {...}, 'required': [...]}")
+    answers = rec.get("answers")
+    if not isinstance(answers, list):
+        raise RecordError("record:answers", "field 'answers' must be a list of calls ([] = no call)")
+    if rec.get("category") not in CATEGORIES:
+        raise RecordError("record:category", f"field 'category' must be one of {CATEGORIES}, "
+                                             f"got {rec.get('category')!r}")
+    for key in ("reasoning", "difficulty", "source"):
+        if key in rec and not isinstance(rec[key], str):
+            raise RecordError("record:" + key, f"optional field {key!r} must be a string")
+
+
+def infer_category(tools: list, answers: list) -> str:
+    if not answers:
+        return "irrelevance"
+    if len(answers) == 1:
+        return "simple" if len(tools) == 1 else "multiple"
+    return "parallel" if len(tools) == 1 else "parallel_multiple"
+
+
+def load_records(path) -> list[dict]:
+    """Read a canonical JSONL file, checking every record's structure.
+    Raises ValueError naming file:line and what is wrong."""
+    records = []
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                rec = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{where}: not UTF-8 text ({e.reason}); canonical files are UTF-8 JSONL") from None
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: not valid JSON ({e.msg} at column {e.colno}); one record per line") from None
+            try:
+                check_structure(rec)
+            except RecordError as e:
+                raise ValueError(f"{where}: {e}. Convert it first: python -m data.prepare --input ... --out DIR") \
+                    from None
+            records.append(rec)
+    return records
+
+
+# ----------------------------------------------------------------------------- AST validation
+
+def validate_record(rec: dict) -> list[str]:
+    """Check (and safely repair, in place) rec["answers"] against rec["tools"] and the category.
+    Returns the list of repairs made; raises RecordError on anything that cannot be repaired."""
+    fixed, repairs = validate_calls(rec["answers"], rec["tools"])
+    rec["answers"] = fixed
+    cat, n = rec["category"], len(fixed)
+    if (cat == "irrelevance") != (n == 0) or (cat in ("simple", "multiple") and n != 1) \
+            or (cat in ("parallel", "parallel_multiple") and n < 2):
+        raise RecordError("ast:category", f"category {cat!r} does not fit {n} reference call(s)")
+    if not rec["tools"]:
+        raise RecordError("ast:no-tools", "no tools offered")
+    return repairs
+
+
+def validate_calls(calls, tools: list) -> tuple[list, list[str]]:
+    """Validate a list of calls [{"name", "arguments"}] against tool schemas.
+    Returns (calls with safe repairs applied, repairs); raises RecordError otherwise."""
+    if not isinstance(calls, list):
+        raise RecordError("ast:not-a-list", f"the answer must be a list of calls, got {type(calls).__name__}")
+    by_name = {}
+    for t in tools:
+        by_name[t["name"]] = t.get("parameters") or {}
+    repairs: list[str] = []
+    out = []
+    for i, call in enumerate(calls):
+        if not isinstance(call, dict) or not isinstance(call.get("name"), str):
+            raise RecordError("ast:not-a-call", f"call {i} is not {{'name': str, 'arguments': {{...}}}}: {call!r:.120}")
+        name = call["name"]
+        args = call.get("arguments", {})
+        if isinstance(args, str):  # OpenAI-style arguments as a JSON string
+            try:
+                args = json.loads(args)
+            except json.JSONDecodeError:
+                raise RecordError("ast:not-a-call", f"{name}: arguments are a string that is not JSON") from None
+            repairs.append(f"arguments-from-json-string:{name}")
+        if not isinstance(args, dict):
+            raise RecordError("ast:not-a-call", f"{name}: arguments must be an object, got {type(args).__name__}")
+        schema = by_name.get(name)
+        if schema is None:
+            raise RecordError("ast:unknown-function", f"{name!r} is not among the tools {sorted(by_name)}")
+        props = schema.get("properties") or {}
+        fixed_args = {}
+        for key, value in args.items():
+            spec = props.get(key)
+            if spec is None:
+                raise RecordError("ast:unknown-param", f"{name}: unknown parameter {key!r} (known: {sorted(props)})")
+            if value is None and key not in schema.get("required", ()):
+                repairs.append(f"drop-null-optional:{name}.{key}")  # null for an optional parameter = omitted
+                continue
+            fixed_args[key] = _fit(value, spec, f"{name}.{key}", repairs)
+        for key in schema.get("required", ()):
+            if key not in fixed_args:
+                raise RecordError("ast:missing-required", f"{name}: required parameter {key!r} is missing")
+        out.append({"name": name, "arguments": fixed_args})
+    return out, repairs
+
+
+def _fit(value, spec, where: str, repairs: list):
+    """Return `value` checked against `spec` (safely repaired if needed, repairs appended)."""
+    if not isinstance(spec, dict):
+        return value
+    enum = spec.get("enum")
+    t = spec.get("type")
+    if isinstance(t, list):  # ["string", "null"]: accept the value if any alternative fits as is
+        for alt in t:
+            try:
+                return _fit(value, {**spec, "type": alt}, where, [])
+            except RecordError:
+                pass
+        raise RecordError("ast:type", f"{where}: {value!r:.60} fits none of the types {t}")
+    kind = TYPE_NAMES.get(t, None) if isinstance(t, str) else None
+    if kind is not None:
+        value = _fit_type(value, kind, spec, where, repairs)
+    if enum is not None and kind == "array" and type(value) is list:  # BFCL puts item enums on the array
+        return [_fit(v, {"enum": enum}, f"{where}[{i}]", repairs) for i, v in enumerate(value)]
+    if enum is not None and value not in enum:
+        if isinstance(value, str):
+            for e in enum:
+                if isinstance(e, str) and e.lower() == value.lower():
+                    repairs.append(f"enum-case:{where}")
+                    return e
+        raise RecordError("ast:enum", f"{where}: {value!r:.60} is not one of {enum}")
+    return value
+
+
+def _fit_type(value, kind: str, spec: dict, where: str, repairs: list):
+    vt = type(value)
+    if kind == "string":
+        if vt is str:
+            return value
+        if vt is int or (vt is float and math.isfinite(value)):
+            repairs.append(f"string-from-number:{where}")
+            return str(value)
+    elif kind == "integer":
+        if vt is int:
+            return value
+        if vt is float and value.is_integer():
+            repairs.append(f"int-from-float:{where}")
+            return int(value)
+        if vt is str and _INT_RE.fullmatch(value.strip()):
+            repairs.append(f"int-from-string:{where}")
+            return int(value)
+    elif kind == "number":
+        if vt is float or vt is int:
+            return value
+        if vt is str and _NUM_RE.fullmatch(value.strip()):
+            repairs.append(f"number-from-string:{where}")
+            v = float(value)
+            return int(v) if _INT_RE.fullmatch(value.strip()) else v
+    elif kind == "boolean":
+        if vt is bool:
+            return value
+        if vt is str and value.strip().lower() in ("true", "false"):
+            repairs.append(f"bool-from-string:{where}")
+            return value.strip().lower() == "true"
+    elif kind == "array":
+        if vt is str and value.lstrip().startswith("["):
+            try:
+                decoded = json.loads(value)
+            except json.JSONDecodeError:
+                decoded = None
+            if type(decoded) is list:
+                repairs.append(f"array-from-json-string:{where}")
+                value, vt = decoded, list
+        if vt is list:
+            items = spec.get("items")
+            if isinstance(items, dict) and items:
+                return [_fit(v, items, f"{where}[{i}]", repairs) for i, v in enumerate(value)]
+            return value
+    elif kind == "object":
+        if vt is str and value.lstrip().startswith("{"):
+            try:
+                decoded = json.loads(value)
+            except json.JSONDecodeError:
+                decoded = None
+            if type(decoded) is dict:
+                repairs.append(f"object-from-json-string:{where}")
+                value, vt = decoded, dict
+        if vt is dict:
+            props = spec.get("properties")
+            if not isinstance(props, dict) or not props:
+                return value
+            # nested keys are typed when known; unknown nested keys are tolerated (schemas are often loose)
+            fixed = {k: (_fit(v, props[k], f"{where}.{k}", repairs) if k in props else v) for k, v in value.items()}
+            for k in spec.get("required", ()) if isinstance(spec.get("required"), list) else ():
+                if k not in fixed:
+                    raise RecordError("ast:missing-required", f"{where}: required field {k!r} is missing")
+            return fixed
+    elif kind == "null":
+        if value is None:
+            return value
+    raise RecordError("ast:type", f"{where}: expected {kind}, got {type(value).__name__} {value!r:.60}")
+
+
+# ----------------------------------------------------------------------------- schema normalisation
+
+def normalize_schema(spec):
+    """A parameter schema in BFCL's or Python's dialect -> JSON Schema (dict->object, float->number,
+    tuple->array, any->no type), recursively through properties and items."""
+    if not isinstance(spec, dict):
+        return spec
+    out = {}
+    for k, v in spec.items():
+        if k == "type" and isinstance(v, str):
+            kind = TYPE_NAMES.get(v.lower(), "?")
+            if kind == "?":
+                kind = python_type(v)[0].get("type")
+            if kind is not None:
+                out["type"] = kind
+        elif k == "properties" and isinstance(v, dict):
+            out[k] = {name: normalize_schema(s) for name, s in v.items()}
+        elif k == "items":
+            out[k] = normalize_schema(v)
+        else:
+            out[k] = v
+    return out
+
+
+def normalize_tool(tool: dict) -> dict:
+    """{"type": "function", "function": {...}} or a bare function schema -> canonical tool."""
+    if isinstance(tool.get("function"), dict) and "name" not in tool:
+        tool = tool["function"]
+    params = tool.get("parameters")
+    if params is None:
+        params = {"type": "object", "properties": {}, "required": []}
+    elif isinstance(params, dict) and not _is_json_schema_object(params):
+        params = xlam_parameters(params)
+    else:
+        params = normalize_schema(params)
+        params["type"] = "object"
+        params.setdefault("properties", {})
+        params.setdefault("required", [])
+    return {"name": tool.get("name"), "description": tool.get("description") or "", "parameters": params}
+
+
+def _is_json_schema_object(params: dict) -> bool:
+    # a parameter may itself be called "type", so look at the value, not the key
+    return isinstance(params.get("type"), str) and isinstance(params.get("properties", {}), dict)
+
+
+def xlam_parameters(params: dict) -> dict:
+    """xLAM/APIGen parameters {name: {"type": "str, optional", "description", "default"}} -> JSON Schema.
+    A parameter is required unless its type says optional or it carries a default."""
+    props, required = {}, []
+    for name, p in params.items():
+        if not isinstance(p, dict):
+            p = {"type": str(p)}
+        schema, optional = python_type(str(p.get("type", "")))
+        if p.get("description"):
+            schema["description"] = p["description"]
+        if "default" in p and p["default"] not in ("", None):
+            schema["default"] = p["default"]
+        if "enum" in p:
+            schema["enum"] = p["enum"]
+        props[name] = schema
+        if not optional and "default" not in p:
+            required.append(name)
+    return {"type": "object", "properties": props, "required": required}
+
+
+def python_type(t: str) -> tuple[dict, bool]:
+    """A Python-style annotation ("List[int]", "str, optional", "Optional[float]") -> (schema, optional)."""
+    s = t.strip()
+    low = s.lower()
+    optional = "optional" in low
+    cut = low.find(", optional")
+    if cut >= 0:
+        s, low = s[:cut].strip(), low[:cut].strip()
+    if low.startswith("optional[") and low.endswith("]"):
+        s, low = s[9:-1].strip(), low[9:-1].strip()
+    head = low.split("[", 1)[0].strip()
+    if head in ("list", "set", "tuple", "sequence", "array"):
+        inner = s[s.find("[") + 1:-1] if "[" in s and s.endswith("]") else ""
+        items = python_type(inner)[0] if inner and "," not in inner else {}
+        return ({"type": "array", "items": items} if items else {"type": "array"}), optional
+    if head == "union" and low in ("union[int, float]", "union[float, int]"):
+        return {"type": "number"}, optional
+    kind = TYPE_NAMES.get(head)
+    if head == "mapping":
+        kind = "object"
+    return ({"type": kind} if kind else {}), optional
