@@ -50,7 +50,56 @@ def bench_step(argv):
 
 
 def bench_checker(argv):
-    raise SystemExit("checker benchmark: not implemented yet")
+    """Parse + check 10,000 BFCL-style outputs (right answers, near misses, prose, malformed) on one core,
+    through the BFCL scoring path and through the think-format reward."""
+    import argparse
+    import random
+
+    from data.calls import check_calls, decode_bfcl_result
+    from eval.bfcl import load_category
+    from rl.reward import reward
+
+    ap = argparse.ArgumentParser(prog="python -m eval.bench checker")
+    ap.add_argument("--n", type=int, default=10_000)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    rng = random.Random(0)
+    cases = []
+    for category in ("simple_python", "multiple", "parallel", "parallel_multiple", "live_simple", "live_multiple",
+                     "irrelevance", "live_irrelevance"):
+        for it in load_category(category):
+            gt = it["ground_truth"] or []
+            calls = []
+            for expected in gt:
+                (name, params), = expected.items()
+                kw = {p: v[0] for p, v in params.items() if v and not (type(v[0]) is str and v[0] == "")}
+                calls.append(f"{name}({', '.join(f'{k}={v!r}' for k, v in kw.items())})")
+            right = "[" + ", ".join(calls) + "]"
+            variants = [right, right.replace("=", "= ", 1), right[: len(right) // 2], "I cannot help with that.",
+                        right.upper(), "```\n" + right + "\n```"]
+            cases.append((rng.choice(variants), it))
+    rng.shuffle(cases)
+    cases = (cases * (args.n // len(cases) + 1))[: args.n]
+
+    t0 = time.perf_counter()
+    correct = 0
+    for text, it in cases:
+        correct += check_calls(decode_bfcl_result(text), it["ground_truth"] or [], it["function"], it["category"])[0]
+    score_s = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    for text, it in cases:
+        reward("<think>ok</think><answer>" + text + "</answer>", it)
+    reward_s = time.perf_counter() - t0
+
+    rows = [{"path": "bfcl score (decode + check)", "outputs": len(cases), "seconds": score_s,
+             "outputs_per_s": len(cases) / score_s},
+            {"path": "reward (think format)", "outputs": len(cases), "seconds": reward_s,
+             "outputs_per_s": len(cases) / reward_s}]
+    print_table(rows, ["path", "outputs", "seconds", "outputs_per_s"])
+    return {"outputs": len(cases), "score_seconds": round(score_s, 3), "reward_seconds": round(reward_s, 3),
+            "score_outputs_per_s": round(len(cases) / score_s), "fraction_correct": round(correct / len(cases), 3),
+            "target_seconds": 5.0}
 
 
 def bench_data(argv):
