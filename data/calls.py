@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import ast
 import json
-import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 # ----------------------------------------------------------------------------------------------------
 # Reason codes
@@ -224,10 +223,17 @@ def _fold_binop(node: ast.BinOp, depth: int):
     """Numeric constant arithmetic (and str + str), folded without evaluating any text."""
     left, right = _value(node.left, depth + 1), _value(node.right, depth + 1)
     op = type(node.op)
-    if isinstance(left, str) and isinstance(right, str) and op is ast.Add:
+    sequence = (str, list, tuple)
+    if op is ast.Add and type(left) is type(right) and isinstance(left, sequence):
         if len(left) + len(right) > MAX_STR_CHARS:
-            raise CallSyntaxError("string too long")
+            raise CallSyntaxError("value too long")
         return left + right
+    if op is ast.Mult and (isinstance(left, sequence) and type(right) is int
+                           or type(left) is int and isinstance(right, sequence)):
+        seq, times = (left, right) if isinstance(left, sequence) else (right, left)
+        if len(seq) * max(times, 0) > MAX_STR_CHARS:
+            raise CallSyntaxError("value too long")
+        return seq * times
     if not (isinstance(left, _NUMBER) and isinstance(right, _NUMBER)):
         raise CallSyntaxError(f"unsupported expression: {type(left).__name__} {op.__name__} {type(right).__name__}")
     try:
