@@ -190,6 +190,20 @@ def render_prompt(tokenizer, question, tools: list[dict], answer_format: str = "
     return text + prefill
 
 
+def format_calls(calls: list[dict], style: str = "python") -> str:
+    """Calls [{"name", "arguments"}] written the way the model should write them (supervised targets):
+    "python" -> [f(a=1, b='x')], "json" -> a JSON list, "hermes" -> <tool_call> blocks, one a line."""
+    if style == "python":
+        return "[" + ", ".join(f"{c['name']}({', '.join(f'{k}={v!r}' for k, v in c['arguments'].items())})"
+                               for c in calls) + "]"
+    if style == "json":
+        return json.dumps([{"name": c["name"], "arguments": c["arguments"]} for c in calls], ensure_ascii=False)
+    if style == "hermes":
+        return "\n".join(f"<tool_call>{json.dumps({'name': c['name'], 'arguments': c['arguments']}, ensure_ascii=False)}"
+                         "</tool_call>" for c in calls)
+    raise ValueError(f"style must be python, json or hermes, got {style!r}")
+
+
 # ----------------------------------------------------------------------------------------------------
 # Parser
 

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from data.calls import (MAX_TEXT_CHARS, REASON_CODES, bfcl_trim, build_messages, category_kind, check_calls,
-                        decode_bfcl_result, extract_answer, ground_truth_from_answers, normalize_string,
+                        decode_bfcl_result, extract_answer, format_calls, ground_truth_from_answers, normalize_string,
                         parse_completion, parse_python_calls, reason_code, render_prompt, system_prompt)
 
 WEATHER = {"name": "weather.get", "description": "Current weather for a city.",
@@ -161,6 +161,20 @@ def test_parse_json_and_hermes():
                      ('<tool_call>{"name": "f", "arguments": {}}', "hermes")]:
         p = parse_completion(bad, fmt)
         assert p.calls is None and reason_code(p.error) == "format:parse_error"
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["f", "a.b", "get_x"]), st.dictionaries(
+    st.sampled_from(["x", "y_1", "z"]), st.recursive(
+        st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.floats(allow_nan=False, allow_infinity=False)
+        | st.text(max_size=10), lambda inner: st.lists(inner, max_size=3)
+        | st.dictionaries(st.text(max_size=5), inner, max_size=3), max_leaves=8), max_size=3)), max_size=3))
+def test_format_calls_round_trips(spec):
+    calls = [{"name": n, "arguments": a} for n, a in spec]
+    assert parse_completion(format_calls(calls), "plain").calls == calls
+    assert parse_completion(f"<think>t</think><answer>{format_calls(calls)}</answer>").calls == calls
+    assert parse_completion(format_calls(calls, "json"), "json").calls == calls
+    assert parse_completion(format_calls(calls, "hermes"), "hermes").calls == calls
 
 
 def test_extract_answer():
