@@ -66,8 +66,8 @@ _FORMAT_RULES = {
         "<answer>...</answer>, written as a Python list: "
         "[func_name1(param_name1=value1, param_name2=value2...), func_name2(param=value)]. "
         "Use keyword arguments and literal values only. If no function fits, say so inside <answer> "
-        "instead of writing a call. Example:\n"
-        "<think>The user wants X, so I call f with a=1.</think><answer>[f(a=1)]</answer>"),
+        "instead of writing a call. The reply looks like:\n"
+        "<think>your reasoning</think><answer>[func_name(param_name=value)]</answer>"),
     "json": (
         "Reply with the function calls only, as a JSON list: "
         '[{"name": "func_name1", "arguments": {"param_name1": value1}}, {"name": "func_name2", '
