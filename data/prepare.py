@@ -233,13 +233,14 @@ _ROLE = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assi
          "function_response": "tool"}
 _TOOL_CALL_RE = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.S)
 _TOOLS_RE = re.compile(r"<tools>(.*?)</tools>", re.S)
+_JSON_START_RE = re.compile(r"[\[{]")
 
 
 def _json_values(text: str) -> list:
     """All JSON values written one after another in `text` (a list, or objects separated by newlines)."""
     dec, out, i = json.JSONDecoder(), [], 0
     while True:
-        m = re.compile(r"[\[{]").search(text, i)
+        m = _JSON_START_RE.search(text, i)
         if m is None:
             return out
         try:
@@ -433,11 +434,17 @@ def _with_prep(rec: dict, state: dict) -> dict:
 
 def hf_judge(model, tokenizer, max_new_tokens: int = 384, seed: int = 0):
     """A judge callable on any HF causal LM, generating greedily in one batch with the project's sampler."""
+    from data.calls import template_has_system_role
     from rl.sampler import sample  # imported here: the data layer needs the sampler only with a judge model
+
+    merge_system = not template_has_system_role(tokenizer)
 
     def judge(prompts: list[list[dict]]) -> list[str]:
         prompt_ids = []
         for messages in prompts:
+            if merge_system and messages[0]["role"] == "system":  # e.g. Gemma's template has no system turn
+                messages = [{"role": "user", "content": messages[0]["content"] + "\n\n" + messages[1]["content"]},
+                            *messages[2:]]
             text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
             prompt_ids.append(tokenizer(text, add_special_tokens=False)["input_ids"])
         out = sample(model, tokenizer, prompt_ids, group_size=1, max_new_tokens=max_new_tokens, greedy=True,

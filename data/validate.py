@@ -112,7 +112,8 @@ def load_records(path) -> list[dict]:
             except UnicodeDecodeError as e:
                 raise ValueError(f"{where}: not UTF-8 text ({e.reason}); canonical files are UTF-8 JSONL") from None
             except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON ({e.msg} at column {e.colno}); one record per line") from None
+                raise ValueError(f"{where}: not valid JSON ({e.msg} at column {e.colno}); "
+                                 "one record per line") from None
             try:
                 check_structure(rec)
             except RecordError as e:

@@ -156,3 +156,12 @@ def test_tool_bank_is_consistent():
 def test_load_default_rejects_unknown_split():
     with pytest.raises(ValueError, match="train"):
         load_default("test")
+
+
+def test_reference_answers_earn_full_reward(committed):
+    """The consumer's view: each record's own answer, written in the think/answer format, scores 1.0."""
+    from data.calls import format_calls
+    from rl.reward import reward
+    for r in committed["train"][:400] + committed["val"]:
+        text = f"<think>{r['reasoning']}</think><answer>{format_calls(r['answers'])}</answer>"
+        assert reward(text, r) == (1.0, ""), r["id"]
