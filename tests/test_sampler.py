@@ -1,0 +1,233 @@
+import importlib.util
+
+import pytest
+import torch
+
+from rl.sampler import (_generate_batch, _processors, build_generation_config, eos_token_ids, logprob_gap,
+                        micro_batches, pad_id_of, rank_seed, real_vocab_size, sample, shard_indices)
+
+PROMPTS = ["call get_weather for Paris", "hi", "a somewhat longer prompt, with a tool list: [f(x), g(y)]"]
+
+
+def encode(tok, texts=PROMPTS):
+    return [tok.encode(t) for t in texts]
+
+
+def eos_likely(model, token_id, strength=4.0):
+    """Point `token_id`'s lm_head row along the mean final hidden state, so the random model emits it often
+    (its logit is about `strength` for a typical state); by default it would almost never end a completion."""
+    with torch.no_grad():
+        h = model.model(torch.arange(3, 200)[None]).last_hidden_state[0].mean(0)
+        model.lm_head.weight[token_id] = strength * h / h.norm() ** 2
+    return model
+
+
+def reference_logp(model, prompt, completion, temperature, vocab):
+    """float64 full-forward log-probs of `completion` given `prompt`, softmax over the first `vocab` ids."""
+    ids = torch.tensor([prompt + completion])
+    with torch.no_grad():
+        logits = model(ids).logits[0, len(prompt) - 1:-1, :vocab].double()  # [T, V]
+    return torch.log_softmax(logits / temperature, -1).gather(1, torch.tensor(completion)[:, None]).squeeze(1)
+
+
+def test_rollout_masks_eos_and_truncation(tiny_model, tiny_tokenizer):
+    model = eos_likely(tiny_model, tiny_tokenizer.eos_token_id)
+    G, max_new = 4, 12
+    r = sample(model, tiny_tokenizer, encode(tiny_tokenizer), group_size=G, max_new_tokens=max_new, temperature=1.0,
+               seed=0, return_logprobs=True)
+    eos = set(eos_token_ids(model, tiny_tokenizer))
+    assert r.prompt_index == [i for i in range(3) for _ in range(G)]
+    assert len(r) == len(r.texts) == len(r.truncated) == len(r.sampler_logp) == 3 * G
+    assert 0 < sum(r.truncated) < len(r), "test needs both finished and truncated completions"
+    assert r.response_mask.shape == (3 * G, max(len(c) for c in r.completion_ids))
+    for ids, mask_row, cut, lp, text in zip(r.completion_ids, r.response_mask, r.truncated, r.sampler_logp,
+                                            r.texts):
+        assert mask_row.sum().item() == len(ids) and mask_row[:len(ids)].all()
+        assert not any(t in eos for t in ids[:-1]), "nothing may follow the first EOS"
+        assert cut == (ids[-1] not in eos)
+        if cut:
+            assert len(ids) == max_new
+        assert lp.shape == (len(ids),) and torch.isfinite(lp).all() and (lp <= 0).all()
+        assert "<|im_end|>" not in text
+    # pad == eos here: generate() fills finished rows with pad, which must not be mistaken for more EOS tokens
+    assert pad_id_of(tiny_tokenizer) == tiny_tokenizer.eos_token_id
+
+
+def test_model_generation_defaults_do_not_leak(tiny_model, tiny_tokenizer):
+    # the tiny model's generation_config has repetition_penalty=1.3, top_k=5, temperature=0.3: if any of them
+    # leaked in, the sampled tokens' log-probs would not be those of the plain temperature-1.0 softmax
+    before = tiny_model.generation_config.to_dict()
+    prompts = encode(tiny_tokenizer)
+    r = sample(tiny_model, tiny_tokenizer, prompts, group_size=3, max_new_tokens=16, temperature=1.0, seed=3,
+               return_logprobs=True)
+    V = real_vocab_size(tiny_tokenizer, tiny_model)
+    for i, ids, lp in zip(r.prompt_index, r.completion_ids, r.sampler_logp):
+        ref = reference_logp(tiny_model, prompts[i], ids, 1.0, V)
+        assert torch.allclose(lp.double(), ref, atol=1e-4), (lp, ref)
+    # the random model is near uniform: over 259 ids a token has log-prob about -5.6; over top_k=5 about -1.6
+    assert torch.cat(r.sampler_logp).mean().item() < -4.0
+    assert tiny_model.generation_config.to_dict() == before
+
+
+def test_never_samples_padded_vocab_ids(tiny_model, tiny_tokenizer):
+    V = real_vocab_size(tiny_tokenizer, tiny_model)
+    assert V == len(tiny_tokenizer) < tiny_model.lm_head.weight.shape[0]
+    for pad_row in range(V, tiny_model.lm_head.weight.shape[0]):  # make padded ids by far the most likely
+        eos_likely(tiny_model, pad_row, strength=20.0)
+    prompts = encode(tiny_tokenizer)
+    r = sample(tiny_model, tiny_tokenizer, prompts, group_size=3, max_new_tokens=10, temperature=0.7, seed=0,
+               return_logprobs=True)
+    assert max(max(ids) for ids in r.completion_ids) < V
+    for i, ids, lp in zip(r.prompt_index, r.completion_ids, r.sampler_logp):
+        assert torch.allclose(lp.double(), reference_logp(tiny_model, prompts[i], ids, 0.7, V), atol=1e-4)
+
+
+def test_every_eos_id_ends_a_completion(tiny_model, tiny_tokenizer):
+    other_eos = tiny_tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    tiny_model.generation_config.eos_token_id = [tiny_tokenizer.eos_token_id, other_eos]
+    assert set(eos_token_ids(tiny_model, tiny_tokenizer)) == {tiny_tokenizer.eos_token_id, other_eos}
+    eos_likely(tiny_model, other_eos, strength=6.0)
+    r = sample(tiny_model, tiny_tokenizer, encode(tiny_tokenizer), group_size=4, max_new_tokens=12, seed=0)
+    ended = [ids for ids, cut in zip(r.completion_ids, r.truncated) if not cut]
+    assert any(ids[-1] == other_eos for ids in ended)
+    assert all(other_eos not in ids[:-1] for ids in r.completion_ids)
+
+
+def test_greedy_prefill_once_matches_per_prompt_generate(tiny_model, tiny_tokenizer):
+    # float64 so that batching/padding rounding cannot flip an argmax
+    model, tok = tiny_model.double(), tiny_tokenizer
+    prompts, G, max_new = encode(tok), 3, 10
+    config = build_generation_config(model, tok, max_new, greedy=True)
+    procs, _ = _processors(real_vocab_size(tok, model), 1.0, 0, 1.0, greedy=True, record=False)
+    batched, _ = _generate_batch(model, prompts, G, config, procs, None, pad_id_of(tok), prefill_once=True,
+                                 length_multiple=1)  # [3*G, T]
+    via_sample = sample(model, tok, prompts, greedy=True, max_new_tokens=max_new, prefill_once=False)
+    assert via_sample.group_size == 1
+    for i, p in enumerate(prompts):
+        alone = model.generate(torch.tensor([p]), generation_config=config, logits_processor=procs)[0, len(p):]
+        for g in range(G):
+            assert batched[i * G + g, :len(alone)].tolist() == alone.tolist()
+        assert via_sample.completion_ids[i] == alone.tolist()[:len(via_sample.completion_ids[i])]
+
+
+def test_prefill_once_samples_the_same_as_expand_then_prefill(tiny_model, tiny_tokenizer):
+    model, prompts = tiny_model.double(), encode(tiny_tokenizer)
+    kw = dict(group_size=4, max_new_tokens=12, temperature=0.9, seed=11, return_logprobs=True)
+    once = sample(model, tiny_tokenizer, prompts, prefill_once=True, **kw)
+    expanded = sample(model, tiny_tokenizer, prompts, prefill_once=False, **kw)
+    assert once.completion_ids == expanded.completion_ids
+    assert torch.allclose(torch.cat(once.sampler_logp), torch.cat(expanded.sampler_logp), atol=1e-6)
+
+
+def test_deterministic_for_a_seed_and_caller_rng_untouched(tiny_model, tiny_tokenizer):
+    prompts = encode(tiny_tokenizer)
+    kw = dict(group_size=3, max_new_tokens=8, temperature=1.0)
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    a = sample(tiny_model, tiny_tokenizer, prompts, seed=5, **kw)
+    assert torch.equal(torch.rand(3), expected_next), "sample() must not advance the caller's RNG"
+    b = sample(tiny_model, tiny_tokenizer, prompts, seed=5, **kw)
+    c = sample(tiny_model, tiny_tokenizer, prompts, seed=6, **kw)
+    assert a.completion_ids == b.completion_ids
+    assert a.completion_ids != c.completion_ids
+    # within a group the G samples differ (they are not copies of one stream)
+    assert len({tuple(ids) for ids in a.completion_ids[:3]}) > 1
+
+
+def test_rank_seed_and_shards():
+    seeds = {rank_seed(0, step, rank) for step in range(50) for rank in range(8)}
+    assert len(seeds) == 400 and all(0 <= s < 2 ** 63 for s in seeds)
+    assert rank_seed(1, 2, 3) == rank_seed(1, 2, 3) != rank_seed(2, 2, 3)
+    shards = [shard_indices(10, r, 3) for r in range(3)]
+    assert sorted(sum(shards, [])) == list(range(10)) and [len(s) for s in shards] == [4, 3, 3]
+    with pytest.raises(ValueError):
+        shard_indices(10, 3, 3)
+
+
+def test_micro_batches_respect_budget_and_keep_order(tiny_model, tiny_tokenizer):
+    lengths, G, new, budget = [5, 40, 17, 3, 29, 11, 8], 4, 16, 400
+    batches = micro_batches(lengths, G, new, budget)
+    assert sorted(sum(batches, [])) == list(range(len(lengths)))
+    for b in batches:
+        assert len(b) * G * (max(lengths[i] for i in b) + new) <= budget or len(b) == 1
+    assert len(micro_batches([50], G, new, 10)) == 1  # a prompt over budget still gets its own batch
+
+    model, prompts = tiny_model.double(), encode(tiny_tokenizer)
+    kw = dict(group_size=2, max_new_tokens=6, temperature=1.0, return_logprobs=True)
+    one_call = sample(model, tiny_tokenizer, prompts, greedy=True, **kw)
+    per_prompt = sample(model, tiny_tokenizer, prompts, greedy=True, token_budget=1, **kw)
+    assert one_call.completion_ids == per_prompt.completion_ids and one_call.prompt_index == [0, 1, 2]
+
+
+def test_static_cache_path_matches_dynamic(tiny_model, tiny_tokenizer):
+    # on CPU this runs the static cache without compilation; the padding to a multiple of 64 must not matter
+    model, prompts = tiny_model.double(), encode(tiny_tokenizer)
+    dynamic = sample(model, tiny_tokenizer, prompts, greedy=True, max_new_tokens=8)
+    static = sample(model, tiny_tokenizer, prompts, greedy=True, max_new_tokens=8, static_cache=True)
+    assert static.completion_ids == dynamic.completion_ids
+
+
+def test_top_p_logprobs_are_of_the_truncated_distribution(tiny_model, tiny_tokenizer):
+    prompts = encode(tiny_tokenizer)
+    r = sample(tiny_model, tiny_tokenizer, prompts, group_size=3, max_new_tokens=10, temperature=1.0, top_p=0.5,
+               seed=0, return_logprobs=True)
+    V = real_vocab_size(tiny_tokenizer, tiny_model)
+    full = torch.cat([reference_logp(tiny_model, prompts[i], ids, 1.0, V)
+                      for i, ids in zip(r.prompt_index, r.completion_ids)])
+    truncated = torch.cat(r.sampler_logp).double()
+    assert (truncated >= full - 1e-5).all() and (truncated > full + 0.1).all()
+
+
+def trainer_logprobs(model, tokenizer, prompts, rollouts, temperature):
+    """The trainer's log-probs of the sampled ids: model/score.py + model/kernels.py when present (head sliced to
+    the real vocabulary, as the sampler samples), else a plain full-forward log_softmax."""
+    V = real_vocab_size(tokenizer, model)
+    prompt_ids = [prompts[i] for i in rollouts.prompt_index]
+    if importlib.util.find_spec("model.score") and importlib.util.find_spec("model.kernels"):
+        from model.kernels import logprob_entropy
+        from model.score import completion_hidden
+        with torch.no_grad():
+            hidden, targets = completion_hidden(model, prompt_ids, rollouts.completion_ids)
+            logp, _ = logprob_entropy(hidden, model.lm_head.weight[:V], targets, temperature=temperature,
+                                      with_entropy=False)
+        return logp.float()
+    return torch.cat([reference_logp(model, p, ids, temperature, V).float()
+                      for p, ids in zip(prompt_ids, rollouts.completion_ids)])
+
+
+def test_trainer_logprobs_match_sampler(tiny_model, tiny_tokenizer):
+    model = eos_likely(tiny_model, tiny_tokenizer.eos_token_id, strength=3.0)
+    prompts = encode(tiny_tokenizer)
+    r = sample(model, tiny_tokenizer, prompts, group_size=4, max_new_tokens=16, temperature=0.7, seed=2,
+               return_logprobs=True)
+    trainer = trainer_logprobs(model, tiny_tokenizer, prompts, r, 0.7)
+    gap = logprob_gap(r.sampler_logp, trainer)
+    assert gap["max"] < 1e-4, gap
+    # the padded form with a mask gives the same figures
+    padded = torch.zeros(r.response_mask.shape)
+    padded[r.response_mask.bool()] = trainer
+    assert logprob_gap(r.padded_logp(), padded, r.response_mask)["max"] == pytest.approx(gap["max"])
+    # and a wrong temperature is caught
+    assert logprob_gap(r.sampler_logp, trainer_logprobs(model, tiny_tokenizer, prompts, r, 1.0))["max"] > 0.05
+
+
+def test_logprob_gap():
+    a = [torch.tensor([-1.0, -2.0]), torch.tensor([-0.5])]
+    b = torch.tensor([-1.5, -2.0, -0.25])
+    assert logprob_gap(a, b) == pytest.approx({"mean": 0.25, "max": 0.5})
+    mask = torch.tensor([[1, 0], [1, 1]])
+    assert logprob_gap(torch.tensor([[0.0, 9.0], [1.0, 2.0]]), torch.zeros(2, 2), mask) == \
+        pytest.approx({"mean": 1.0, "max": 2.0})
+    with pytest.raises(ValueError):
+        logprob_gap(a, b[:2])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="static cache + torch.compile is a CUDA path")
+def test_static_cache_compiled_on_cuda(tiny_tokenizer):
+    from model.tiny import tiny_model
+    model = tiny_model(tiny_tokenizer).cuda().eval()
+    prompts = encode(tiny_tokenizer)
+    dynamic = sample(model, tiny_tokenizer, prompts, greedy=True, max_new_tokens=16)
+    static = sample(model, tiny_tokenizer, prompts, greedy=True, max_new_tokens=16, static_cache=True)
+    assert static.completion_ids == dynamic.completion_ids
