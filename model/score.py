@@ -1,0 +1,108 @@
+"""Scoring forward: log-probs (and entropies) of completion tokens given their prompts.
+
+Only the transformer body runs over prompt + completion; the lm_head is applied (through
+model.kernels.logprob_entropy) to the hidden states that predict completion tokens and nothing else.
+Position len(prompt) + j - 1 of a sequence predicts completion token j.
+
+Two ways to batch the sequences, which give the same result:
+  * padded: right-pad into [B, T_max] with an attention mask (SDPA / eager attention);
+  * packed: all sequences concatenated into one row [1, sum T_i] with position ids restarting at 0 for each
+    sequence and no padding at all. With flash-attention 2 this runs varlen attention (cu_seq_lens built here);
+    with SDPA transformers turns the restarting position ids into a block-diagonal causal mask (fine for tests,
+    no memory saving since the mask is [T, T]).
+`pack=None` packs when the model runs flash-attention, and pads otherwise.
+"""
+from __future__ import annotations
+
+import torch
+
+from model.kernels import logprob_entropy
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _attn_implementation(model) -> str:
+    return str(getattr(model.config, "_attn_implementation", None) or "eager")
+
+
+def _body(model):
+    body = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", None)
+    if body is None:
+        raise TypeError(f"{type(model).__name__} has no decoder body (get_decoder() / .model): expected a "
+                        "transformers *ForCausalLM model")
+    return body
+
+
+def _check(prompt_ids, completion_ids):
+    if len(prompt_ids) != len(completion_ids):
+        raise ValueError(f"{len(prompt_ids)} prompts but {len(completion_ids)} completions: pass one prompt per "
+                         "completion (repeat a prompt for each of its group's samples)")
+    for i, p in enumerate(prompt_ids):
+        if len(p) == 0:
+            raise ValueError(f"prompt {i} is empty: the first completion token needs at least one token before it")
+
+
+def completion_hidden(model, prompt_ids: list[list[int]], completion_ids: list[list[int]], pack: bool | None = None):
+    """Last hidden states at the positions that predict each completion token.
+
+    Returns (hidden [N, H], targets [N] int64) where N = total completion tokens, in order (sequence 0's
+    tokens first), and hidden[i] predicts targets[i]. Differentiable through the model body.
+    """
+    _check(prompt_ids, completion_ids)
+    device = _device(model)
+    if pack is None:
+        pack = _attn_implementation(model).startswith("flash")
+    seqs = [list(p) + list(c) for p, c in zip(prompt_ids, completion_ids)]
+    lengths = [len(s) for s in seqs]
+    targets = torch.tensor([tok for c in completion_ids for tok in c], dtype=torch.long, device=device)
+    if targets.numel() == 0:
+        hidden_size = model.get_output_embeddings().weight.shape[1]
+        dtype = next(model.parameters()).dtype
+        return torch.zeros(0, hidden_size, dtype=dtype, device=device), targets
+    body = _body(model)
+    if pack:
+        # one row, no padding: [1, sum T_i]
+        input_ids = torch.tensor([tok for s in seqs for tok in s], dtype=torch.long, device=device)[None]
+        position_ids = torch.cat([torch.arange(n, device=device) for n in lengths])[None]
+        kwargs = {}
+        if _attn_implementation(model).startswith("flash"):
+            # hand varlen attention its boundaries directly instead of having them re-derived per layer
+            cu = torch.tensor([0] + lengths, device=device).cumsum(0).to(torch.int32)
+            kwargs = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max(lengths), max_length_k=max(lengths))
+        out = body(input_ids=input_ids, position_ids=position_ids, use_cache=False, **kwargs).last_hidden_state[0]
+        starts = [0]
+        for n in lengths[:-1]:
+            starts.append(starts[-1] + n)
+        index = [s + len(p) + j - 1 for s, p, c in zip(starts, prompt_ids, completion_ids) for j in range(len(c))]
+        hidden = out[torch.tensor(index, device=device)]  # [N, H]
+    else:
+        # right padding: positions 0..T_i-1 are real, so default position ids are right
+        T = max(lengths)
+        pad = model.config.pad_token_id if getattr(model.config, "pad_token_id", None) is not None else 0
+        input_ids = torch.full((len(seqs), T), pad, dtype=torch.long, device=device)
+        attention_mask = torch.zeros((len(seqs), T), dtype=torch.long, device=device)
+        for b, s in enumerate(seqs):
+            input_ids[b, :len(s)] = torch.tensor(s, dtype=torch.long, device=device)
+            attention_mask[b, :len(s)] = 1
+        out = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state  # [B, T, H]
+        rows = [b for b, c in enumerate(completion_ids) for _ in c]
+        cols = [len(p) + j - 1 for p, c in zip(prompt_ids, completion_ids) for j in range(len(c))]
+        hidden = out[torch.tensor(rows, device=device), torch.tensor(cols, device=device)]  # [N, H]
+    return hidden, targets
+
+
+def completion_logprobs(model, prompt_ids: list[list[int]], completion_ids: list[list[int]], temperature: float = 1.0,
+                        with_entropy: bool = True, pack: bool | None = None):
+    """(logp [N], entropy [N] or None, lengths) of every completion token under `model` at `temperature`.
+
+    logp is differentiable (body and lm_head, tied or not); entropy is detached. Split per sequence with
+    logp.split(lengths).
+    """
+    head = model.get_output_embeddings()
+    if getattr(head, "bias", None) is not None:
+        raise NotImplementedError("lm_head with a bias is not supported by the fused log-prob kernel")
+    hidden, targets = completion_hidden(model, prompt_ids, completion_ids, pack=pack)
+    logp, entropy = logprob_entropy(hidden, head.weight, targets, temperature=temperature, with_entropy=with_entropy)
+    return logp, entropy, [len(c) for c in completion_ids]
