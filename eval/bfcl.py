@@ -1,6 +1,12 @@
-"""BFCL: load the single-turn categories and score model results with BFCL's AST semantics.
+"""BFCL: load the single-turn categories, generate with a model, score with BFCL's AST semantics, report, compare.
 
+    python -m eval.bfcl run --model smollm2-135m --categories ast --limit 50 [--out DIR] [--batch-size 16]
     python -m eval.bfcl score --category simple_python --results results.jsonl [--data-dir DIR]
+    python -m eval.bfcl report DIR                      # rebuild report.json / report.md from DIR's result files
+    python -m eval.bfcl compare DIR_A DIR_B ...         # side-by-side table with deltas + a bar chart
+
+`run` writes, per category, <category>_result.jsonl (BFCL's result format) and then report.json / report.md with
+per-category accuracy and the leaderboard's summary columns (see `summarize` for exactly how they are computed).
 
 results.jsonl holds one {"id": ..., "result": "<raw model text>"} per line (BFCL's result format). The raw
 text may carry <think>/<answer> tags: the <answer> content is scored when present, else the whole text,
@@ -17,11 +23,16 @@ import argparse
 import collections
 import json
 import os
+import random
 import re
 import site
 import sys
+import time
 
-from data.calls import check_calls, decode_bfcl_result
+import torch
+from tqdm import tqdm
+
+from data.calls import check_calls, decode_bfcl_result, render_prompt
 
 # single-turn categories scored here; "simple" is accepted as a short name for simple_python
 AST_CATEGORIES = ("simple_python", "multiple", "parallel", "parallel_multiple", "live_simple", "live_multiple",
@@ -29,6 +40,7 @@ AST_CATEGORIES = ("simple_python", "multiple", "parallel", "parallel_multiple", 
 RELEVANCE_CATEGORIES = ("irrelevance", "live_irrelevance", "live_relevance")
 CATEGORIES = AST_CATEGORIES + RELEVANCE_CATEGORIES
 ALIASES = {"simple": "simple_python"}
+INSTALL = "pip install --no-deps bfcl-eval"
 
 
 class BFCLDataError(Exception):
@@ -46,7 +58,7 @@ def find_data_dir() -> str:
         candidate = os.path.join(root or ".", "bfcl_eval", "data")
         if os.path.isdir(candidate):
             return candidate
-    raise BFCLDataError("BFCL data not found: install it with `pip install --no-deps bfcl-eval` "
+    raise BFCLDataError(f"BFCL data not found: install it with `{INSTALL}` "
                         "or pass --data-dir pointing at a folder laid out like bfcl_eval/data")
 
 
@@ -82,7 +94,8 @@ def load_category(category: str, data_dir: str | None = None, limit: int | None 
     data_dir = data_dir or find_data_dir()
     path = _category_file(data_dir, category)
     if path is None:
-        raise BFCLDataError(f"no BFCL_v*_{category}.json in {data_dir}: is this a BFCL data folder?")
+        raise BFCLDataError(f"no BFCL_v*_{category}.json in {data_dir}: is this a BFCL data folder? (the data ships "
+                            f"in bfcl-eval: {INSTALL}, then leave out --data-dir)")
     entries = _read_jsonl(path)
     answers = [None] * len(entries)
     if category in AST_CATEGORIES:
@@ -146,19 +159,457 @@ def cmd_score(args) -> dict:
     return {"category": items[0]["category"] if items else args.category, **result}
 
 
+# ----------------------------------------------------------------------------------------------------
+# Subsets, prompts and generation
+
+SUBSET_SEED = 0  # the fixed seed of every --limit subset (same items in `run` and in training-time evaluation)
+
+
+def select_subset(items: list[dict], limit: int | None, seed: int = SUBSET_SEED) -> list[dict]:
+    """`limit` items drawn at random with a fixed seed, kept in data order; all items when limit is None or larger.
+    A random draw rather than the first N: BFCL files are ordered by source, so a prefix is a biased sample."""
+    if limit is None or limit >= len(items):
+        return list(items)
+    if limit < 0:
+        raise BFCLDataError(f"--limit must be >= 0, got {limit}")
+    keep = sorted(random.Random(seed).sample(range(len(items)), limit))
+    return [items[i] for i in keep]
+
+
+def parse_categories(spec) -> list[str]:
+    """'simple_python,multiple' or a list -> validated category names. Shorthands: all, ast, non_live, live."""
+    names = spec.split(",") if isinstance(spec, str) else list(spec)
+    groups = {"all": CATEGORIES, "ast": AST_CATEGORIES, "non_live": NON_LIVE_AST, "live": LIVE_AST}
+    out = []
+    for name in (n.strip() for n in names):
+        if not name:
+            continue
+        expanded = groups.get(name, [ALIASES.get(name, name)])
+        for c in expanded:
+            if c not in CATEGORIES:
+                raise BFCLDataError(f"unknown or unsupported category {name!r}; choose from: {', '.join(CATEGORIES)} "
+                                    f"(or the groups {', '.join(groups)})")
+            if c not in out:
+                out.append(c)
+    if not out:
+        raise BFCLDataError(f"no categories given; choose from: {', '.join(CATEGORIES)}")
+    return out
+
+
+def score_text(text, item: dict) -> tuple[bool, str]:
+    """BFCL's verdict on one raw result text (exactly what `score` does for one row of a result file)."""
+    calls = decode_bfcl_result(text)
+    return check_calls(calls, item["ground_truth"] or [], item["function"], item["category"])
+
+
+@torch.no_grad()
+def generate_texts(model, tokenizer, prompts: list[str], max_new_tokens: int = 256, batch_size: int = 16,
+                   greedy: bool = True, temperature: float = 0.7, seed: int = 0, bar=None) -> list[str]:
+    """Completions for rendered prompts, in prompt order. Prompts are sorted by token length and cut into batches
+    of `batch_size`, so each batch pads little; the sampler may split a batch further to stay in its token
+    budget. Greedy by default; with greedy=False each batch is sampled with seed + its index."""
+    from rl.sampler import sample
+
+    ids = [tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    texts = [""] * len(ids)
+    for b, start in enumerate(range(0, len(order), max(1, batch_size))):
+        chunk = order[start: start + max(1, batch_size)]
+        out = sample(model, tokenizer, [ids[i] for i in chunk], group_size=1, max_new_tokens=max_new_tokens,
+                     temperature=temperature, seed=seed + b, greedy=greedy)
+        for i, text in zip(chunk, out.texts):
+            texts[i] = text
+        if bar is not None:
+            bar.update(len(chunk))
+    return texts
+
+
+def item_prompt(tokenizer, item: dict, answer_format: str, tools_as: str, prefill: str) -> str:
+    return render_prompt(tokenizer, item["question"], item["function"], answer_format=answer_format,
+                         tools_as=tools_as, prefill=prefill)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Used by train.py: held-out records and fixed BFCL subsets, greedy
+
+def evaluate_records(model, tokenizer, records: list[dict], answer_format: str = "think", tools_as: str = "json",
+                     prefill: str = "", max_new_tokens: int = 256, batch_size: int = 16) -> dict:
+    """Greedy accuracy on canonical records (data/ format), scored with the training reward (format gate + checker)
+    on prefill + completion. -> {"correct", "total", "per_category": {cat: [correct, total]}, "outputs"}."""
+    from rl.reward import reward
+
+    if not records:
+        return {"correct": 0, "total": 0, "per_category": {}, "outputs": []}
+    prompts = [render_prompt(tokenizer, r["messages"], r["tools"], answer_format=answer_format, tools_as=tools_as,
+                             prefill=prefill) for r in records]
+    texts = generate_texts(model, tokenizer, prompts, max_new_tokens, batch_size)
+    per_category, correct = {}, 0
+    for record, text in zip(records, texts):
+        ok = reward(prefill + text, record, answer_format=answer_format)[0] >= 1.0
+        counts = per_category.setdefault(record.get("category", "unknown"), [0, 0])
+        counts[0] += int(ok)
+        counts[1] += 1
+        correct += int(ok)
+    return {"correct": correct, "total": len(records), "per_category": per_category,
+            "outputs": [prefill + t for t in texts]}
+
+
+def evaluate_bfcl(model, tokenizer, categories: list[str], limit: int, rank: int = 0, world: int = 1,
+                  all_reduce=lambda t: t, answer_format: str = "think", tools_as: str = "json", prefill: str = "",
+                  max_new_tokens: int = 256, batch_size: int = 16, data_dir: str | None = None) -> dict:
+    """Greedy BFCL accuracy per category on the fixed subset select_subset(items, limit) (seed 0: the same items on
+    every call and as `run --limit`), scored like `run` (BFCL decoding of prefill + completion). Items are
+    sharded items[rank::world]; [correct, total] counts are summed with all_reduce. -> {category: accuracy}."""
+    categories = parse_categories(categories)
+    items = []
+    for category in categories:
+        items += select_subset(load_category(category, data_dir), limit)[rank::world]
+    prompts = [item_prompt(tokenizer, it, answer_format, tools_as, prefill) for it in items]
+    texts = generate_texts(model, tokenizer, prompts, max_new_tokens, batch_size) if items else []
+    counts = torch.zeros(len(categories), 2, dtype=torch.float64)  # [C, (correct, total)]
+    for item, text in zip(items, texts):
+        c = categories.index(item["category"])
+        counts[c, 0] += float(score_text(prefill + text, item)[0])
+        counts[c, 1] += 1
+    counts = all_reduce(counts)
+    return {cat: (counts[c, 0] / counts[c, 1].clamp(min=1)).item() for c, cat in enumerate(categories)}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Summary columns, the leaderboard's way
+
+NON_LIVE_AST = ("simple_python", "multiple", "parallel", "parallel_multiple")
+LIVE_AST = ("live_simple", "live_multiple", "live_parallel", "live_parallel_multiple")
+SIMPLE_LANGUAGES = ("simple_python",)  # the leaderboard's "simple" also averages simple_java, simple_javascript
+SUMMARY_COLUMNS = ("overall", "non_live_ast", "live", "irrelevance", "relevance")
+
+AGGREGATION_DOC = """\
+How the summary columns are computed (the rules of the BFCL leaderboard's aggregation, v3/v4):
+- Non-Live AST = unweighted mean of four groups: simple, multiple, parallel, parallel_multiple. The leaderboard's
+  simple is itself the unweighted mean of simple_python, simple_java and simple_javascript; java and javascript
+  are not evaluated here, so simple = simple_python (the leaderboard would count the missing two as 0).
+- Live = mean over live_simple, live_multiple, live_parallel, live_parallel_multiple weighted by each category's
+  full item count in the data (258, 1053, 16, 24 in BFCL v4), as the leaderboard weights them. With --limit each
+  category's accuracy comes from its fixed random subset (seed 0), but the weights stay the full counts, so the
+  number estimates the full-data Live score (it is not the pooled accuracy of the evaluated items).
+- Irrelevance = unweighted mean of irrelevance and live_irrelevance; Relevance = live_relevance.
+- Overall (the paper's) = mean of Non-Live AST and Live.
+- A column whose parts were not all evaluated is the mean (or weighted mean) of the parts that were, marked with
+  * and its missing parts listed; the leaderboard would count a missing part as 0.
+- Items are scored with BFCL's decoding: the <answer> content when present, else the whole text, parsed as a
+  Python call list; irrelevance is right when no call decodes, relevance when at least one does. "strict" is the
+  training reward on the same text: the answer format must also be right (e.g. <think>..</think><answer>..).
+"""
+
+
+def _mean(values):
+    return sum(values) / len(values) if values else None
+
+
+def summarize(per_category: dict, full_counts: dict | None = None) -> dict:
+    """Summary columns from per-category results {category: {"accuracy": float, ...}}.
+    full_counts {category: full item count} weights Live (default: the "n_full" or "total" of each entry).
+    -> {column: {"value": float | None, "missing": [categories not evaluated]}}; see AGGREGATION_DOC."""
+    acc = {c: r["accuracy"] for c, r in per_category.items()}
+    weight = {c: (full_counts or {}).get(c) or r.get("n_full") or r.get("total") or 0 for c, r in per_category.items()}
+
+    def column(value, parts):
+        return {"value": value, "missing": [p for p in parts if p not in acc]}
+
+    simple = _mean([acc[c] for c in SIMPLE_LANGUAGES if c in acc])
+    groups = [simple] + [acc.get(c) for c in NON_LIVE_AST[1:]]
+    non_live = column(_mean([g for g in groups if g is not None]), NON_LIVE_AST)
+    live_parts = [c for c in LIVE_AST if c in acc]
+    total_weight = sum(weight[c] for c in live_parts)
+    live_value = sum(acc[c] * weight[c] for c in live_parts) / total_weight if total_weight else None
+    live = column(live_value, LIVE_AST)
+    irrelevance = column(_mean([acc[c] for c in ("irrelevance", "live_irrelevance") if c in acc]),
+                         ("irrelevance", "live_irrelevance"))
+    relevance = column(acc.get("live_relevance"), ("live_relevance",))
+    overall = {"value": _mean([v for v in (non_live["value"], live["value"]) if v is not None]),
+               "missing": non_live["missing"] + live["missing"]}
+    return {"overall": overall, "non_live_ast": non_live, "live": live, "irrelevance": irrelevance,
+            "relevance": relevance}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reports
+
+COLUMN_TITLES = {"overall": "Overall (mean of Non-Live AST and Live)", "non_live_ast": "Non-Live AST",
+                 "live": "Live", "irrelevance": "Irrelevance", "relevance": "Relevance"}
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.2f}"
+
+
+def build_report(out_dir: str, data_dir: str | None = None, meta: dict | None = None) -> dict:
+    """Score every <category>_result.jsonl in out_dir and write report.json and report.md. `meta` (settings,
+    timings) is stored as is; per-category timings of an earlier report are kept for categories not re-run."""
+    from rl.reward import reward
+
+    meta = dict(meta or {})
+    old_path = os.path.join(out_dir, "report.json")
+    old = json.load(open(old_path)) if os.path.exists(old_path) else {}
+    timings = {**old.get("timing", {}).get("per_category", {}), **meta.pop("per_category_timing", {})}
+    answer_format = meta.get("settings", old.get("settings", {})).get("answer_format", "think")
+    per_category = {}
+    for category in CATEGORIES:
+        path = os.path.join(out_dir, f"{category}_result.jsonl")
+        if not os.path.exists(path):
+            continue
+        items = load_category(category, data_dir)
+        rows = read_results(path)
+        scored = score_results(items, rows)
+        by_id = {it["id"]: it for it in items}
+        strict = sum(reward(r["result"], by_id[r["id"]], answer_format=answer_format)[0] >= 1.0 for r in rows)
+        per_category[category] = {"accuracy": scored["accuracy"], "correct": scored["correct"],
+                                  "total": scored["total"], "n_full": len(items),
+                                  "strict_accuracy": strict / max(len(rows), 1), "reasons": scored["reasons"],
+                                  **({"timing": timings[category]} if category in timings else {})}
+    if not per_category:
+        raise BFCLDataError(f"no <category>_result.jsonl files in {out_dir}: run `python -m eval.bfcl run` first")
+    report = {"model": meta.get("model", old.get("model")), "settings": meta.get("settings", old.get("settings", {})),
+              "categories": per_category, "summary": summarize(per_category),
+              "timing": {**old.get("timing", {}), **meta.get("timing", {}), "per_category": timings},
+              "date": time.strftime("%Y-%m-%d %H:%M")}
+    with open(old_path, "w") as f:
+        json.dump(report, f, indent=2)
+    with open(os.path.join(out_dir, "report.md"), "w") as f:
+        f.write(report_markdown(report))
+    return report
+
+
+def report_markdown(report: dict) -> str:
+    s = report.get("settings", {})
+    lines = [f"# BFCL report: {report.get('model')}", "",
+             f"Settings: {', '.join(f'{k}={v!r}' for k, v in s.items())}. Date: {report.get('date')}.", "",
+             AGGREGATION_DOC, "| column | score |", "|---|---:|"]
+    for key in SUMMARY_COLUMNS:
+        col = report["summary"][key]
+        mark = f" * (missing: {', '.join(col['missing'])})" if col["missing"] and col["value"] is not None else ""
+        lines.append(f"| {COLUMN_TITLES[key]} | {_pct(col['value'])}{mark} |")
+    lines += ["", "| category | items | of | correct | accuracy | strict | most common failure |",
+              "|---|---:|---:|---:|---:|---:|---|"]
+    for category, r in report["categories"].items():
+        reason = max(r["reasons"].items(), key=lambda kv: kv[1]) if r["reasons"] else None
+        lines.append(f"| {category} | {r['total']} | {r['n_full']} | {r['correct']} | {_pct(r['accuracy'])} | "
+                     f"{_pct(r['strict_accuracy'])} | {f'{reason[0]} ({reason[1]})' if reason else '-'} |")
+    t = report.get("timing", {})
+    if t.get("wall_s") is not None:
+        lines += ["", f"Wall time {t['wall_s']:.1f} s (model load {t.get('load_s', 0):.1f} s, generation "
+                      f"{t.get('generate_s', 0):.1f} s for {t.get('items', 0)} items: {t.get('items_per_s', 0):.2f} "
+                      f"items/s, {t.get('threads')} threads, {t.get('device')})."]
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------------
+# run
+
+def resolve_settings(args, model_dir: str | None) -> dict:
+    """answer_format / tools_as / prefill: the flags, else what a run checkpoint was trained with
+    (run_config.json), else think / json / "<think>" (with think) or "" (with plain)."""
+    trained = {}
+    path = os.path.join(model_dir, "run_config.json") if model_dir else None
+    if path and os.path.isfile(path):
+        config = json.load(open(path))
+        trained = {k: config[k] for k in ("answer_format", "tools_as", "prefill") if k in config}
+    answer_format = args.answer_format or trained.get("answer_format", "think")
+    tools_as = args.tools_as or trained.get("tools_as", "json")
+    if args.prefill is not None:
+        prefill = args.prefill
+    elif "prefill" in trained and answer_format == trained.get("answer_format"):
+        prefill = trained["prefill"]
+    else:
+        prefill = "<think>" if answer_format == "think" else ""
+    if trained:
+        print(f"[bfcl] {path}: trained with answer_format={trained.get('answer_format')!r}, "
+              f"tools_as={trained.get('tools_as')!r}, prefill={trained.get('prefill')!r}; using answer_format="
+              f"{answer_format!r}, tools_as={tools_as!r}, prefill={prefill!r}")
+    return {"answer_format": answer_format, "tools_as": tools_as, "prefill": prefill}
+
+
+def _model_dir(name: str) -> str | None:
+    """A local model directory for --model, following a run directory to its newest checkpoint."""
+    if not os.path.isdir(name):
+        return None
+    if os.path.isdir(os.path.join(name, "checkpoints")) and not os.path.exists(os.path.join(name, "model.safetensors")):
+        from model.load import latest_checkpoint
+        ckpt = latest_checkpoint(name)
+        if ckpt is None:
+            raise BFCLDataError(f"{name} is a run directory without a complete checkpoint; pass a checkpoint "
+                                "directory (<run>/checkpoints/step-NNNNNN) or a model directory")
+        print(f"[bfcl] {name} is a run directory: using its newest checkpoint {ckpt}")
+        return str(ckpt)
+    return name
+
+
+def _default_out_dir(model: str) -> str:
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", os.path.normpath(model).strip("/\\")).strip("_") or "model"
+    return os.path.join("runs", "bfcl", slug)
+
+
+def cmd_run(args) -> dict:
+    t_start = time.time()
+    categories = parse_categories(args.categories)
+    data_dir = args.data_dir or find_data_dir()
+    if not os.path.isdir(data_dir):
+        raise BFCLDataError(f"--data-dir {data_dir} does not exist; the BFCL data ships in bfcl-eval: "
+                            f"{INSTALL} (then leave out --data-dir)")
+    selected = {c: select_subset(load_category(c, data_dir), args.limit) for c in categories}
+    model_dir = _model_dir(args.model)
+    settings = resolve_settings(args, model_dir)
+    settings.update(max_new_tokens=args.max_new_tokens, limit=args.limit, batch_size=args.batch_size,
+                    decoding=f"sampled (temperature {args.temperature}, seed {args.seed})" if args.sample else "greedy")
+    out_dir = args.out or _default_out_dir(args.model)
+    os.makedirs(out_dir, exist_ok=True)
+
+    from model.load import load
+    t_load = time.time()
+    model, tokenizer = load(model_dir or args.model, device=args.device, dtype=args.dtype)
+    model.eval()
+    load_s = time.time() - t_load
+    print(f"[bfcl] {args.model} on {model.device}, {torch.get_num_threads()} threads; "
+          f"{sum(len(v) for v in selected.values())} items in {len(categories)} categories -> {out_dir}")
+
+    per_category_timing, generate_s = {}, 0.0
+    bar = tqdm(total=sum(len(v) for v in selected.values()), desc="bfcl", unit="item")
+    for category, items in selected.items():
+        bar.set_postfix_str(category)
+        t0 = time.time()
+        prompts = [item_prompt(tokenizer, it, settings["answer_format"], settings["tools_as"], settings["prefill"])
+                   for it in items]
+        texts = generate_texts(model, tokenizer, prompts, args.max_new_tokens, args.batch_size,
+                               greedy=not args.sample, temperature=args.temperature, seed=args.seed, bar=bar)
+        seconds = time.time() - t0
+        generate_s += seconds
+        per_category_timing[category] = {"seconds": seconds, "items_per_s": len(items) / max(seconds, 1e-9)}
+        # the full assistant text (prefill included), so that BFCL-style re-scoring sees what the model answered
+        with open(os.path.join(out_dir, f"{category}_result.jsonl"), "w", encoding="utf-8") as f:
+            for it, text in zip(items, texts):
+                f.write(json.dumps({"id": it["id"], "result": settings["prefill"] + text}, ensure_ascii=False) + "\n")
+    bar.close()
+    n_items = sum(len(v) for v in selected.values())
+    timing = {"wall_s": time.time() - t_start, "load_s": load_s, "generate_s": generate_s, "items": n_items,
+              "items_per_s": n_items / max(generate_s, 1e-9), "threads": torch.get_num_threads(),
+              "device": str(model.device)}
+    report = build_report(out_dir, data_dir, {"model": args.model, "settings": settings, "timing": timing,
+                                              "per_category_timing": per_category_timing})
+    print(report_markdown(report))
+    print(f"[bfcl] wrote {out_dir}/report.md, report.json and {len(selected)} result files")
+    return report
+
+
+def cmd_report(args) -> dict:
+    report = build_report(args.dir, args.data_dir)
+    print(report_markdown(report))
+    return report
+
+
+# ----------------------------------------------------------------------------------------------------
+# compare
+
+def read_report(run_dir: str) -> dict:
+    path = os.path.join(run_dir, "report.json")
+    if not os.path.isfile(path):
+        raise BFCLDataError(f"{run_dir}: no report.json (make one with `python -m eval.bfcl run ... --out {run_dir}`)")
+    return json.load(open(path))
+
+
+def compare_table(reports: list[dict], labels: list[str]) -> tuple[list[str], list[list]]:
+    """Rows of (name, score per report, delta of each later report vs the first), summary columns first.
+    Scores are fractions (None where a report lacks the row)."""
+    rows = []
+    for key in SUMMARY_COLUMNS:
+        rows.append([COLUMN_TITLES[key].split(" (")[0]] + [r["summary"][key]["value"] for r in reports])
+    for category in CATEGORIES:
+        if any(category in r["categories"] for r in reports):
+            rows.append([category] + [r["categories"].get(category, {}).get("accuracy") for r in reports])
+    header = ["", *labels] + [f"Δ {label}" for label in labels[1:]]
+    table = []
+    for name, *values in rows:
+        deltas = [None if v is None or values[0] is None else v - values[0] for v in values[1:]]
+        table.append([name, *values, *deltas])
+    return header, table
+
+
+def compare_markdown(header, table) -> str:
+    n = len(header) // 2  # header: name, n labels, n - 1 deltas
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    for name, *cells in table:
+        out = [_pct(v) for v in cells[:n]]
+        out += ["-" if d is None else f"{100 * d:+.2f}" for d in cells[n:]]
+        lines.append(f"| {name} | " + " | ".join(out) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def cmd_compare(args) -> dict:
+    reports = [read_report(d) for d in args.dirs]
+    labels = args.labels.split(",") if args.labels else [os.path.basename(os.path.normpath(d)) for d in args.dirs]
+    if len(labels) != len(args.dirs):
+        raise BFCLDataError(f"--labels has {len(labels)} names for {len(args.dirs)} directories")
+    if len(set(labels)) != len(labels):  # same folder names: tell them apart by their parent
+        labels = [os.path.join(*os.path.normpath(d).split(os.sep)[-2:]) for d in args.dirs]
+    header, table = compare_table(reports, labels)
+    text = compare_markdown(header, table)
+    out = args.out or os.path.join(os.path.dirname(os.path.normpath(args.dirs[0])) or ".", "compare.png")
+    from eval.plot import bar_chart
+    n = len(labels)
+    png = bar_chart([row[0] for row in table], {label: [100 * (row[1 + i] or 0.0) for row in table]
+                                                for i, label in enumerate(labels)},
+                    out, title="BFCL accuracy", ylabel="accuracy (%)")
+    with open(os.path.splitext(out)[0] + ".md", "w") as f:
+        f.write(text)
+    print(text)
+    print(f"[bfcl] bar chart: {png}")
+    return {"header": header, "table": table, "png": str(png), "markdown": text, "n": n}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m eval.bfcl", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("run", help="generate with a model on BFCL categories, write result files and a report")
+    p.add_argument("--model", default="smollm2-135m", help="smollm2-135m, a model or checkpoint directory, a run "
+                   "directory (its newest checkpoint), or a Hugging Face id in the local cache")
+    p.add_argument("--categories", default="ast", help="comma-separated categories, or all / ast / non_live / live "
+                   f"(categories: {', '.join(CATEGORIES)})")
+    p.add_argument("--limit", type=int, default=None, help="items per category: a fixed random subset (seed 0)")
+    p.add_argument("--out", default=None, help="output folder (default runs/bfcl/<model>)")
+    p.add_argument("--batch-size", type=int, default=16, help="prompts per generate call (sorted by length)")
+    p.add_argument("--answer-format", choices=("think", "plain"), default=None,
+                   help="think: <think>..</think><answer>[calls]</answer>; plain: the call list (default: the "
+                   "checkpoint's run_config.json, else think)")
+    p.add_argument("--tools-as", choices=("json", "python"), default=None,
+                   help="tools in the prompt as BFCL's JSON or as Python signatures (default: run_config.json, else json)")
+    p.add_argument("--prefill", default=None, help="text opening the assistant turn (default: run_config.json, "
+                   "else '<think>' with --answer-format think and '' with plain)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=0.7, help="with --sample")
+    p.add_argument("--seed", type=int, default=0, help="with --sample")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--data-dir", default=None, help="folder laid out like bfcl_eval/data (default: the installed package)")
     p = sub.add_parser("score", help="score a results file (BFCL's {id, result} JSON lines)")
     p.add_argument("--category", required=True, help=f"one of: {', '.join(CATEGORIES)}")
     p.add_argument("--results", required=True, help="JSON lines of {\"id\": ..., \"result\": \"raw model text\"}")
     p.add_argument("--data-dir", default=None, help="folder laid out like bfcl_eval/data (default: the installed package)")
+    p = sub.add_parser("report", help="re-score DIR's <category>_result.jsonl files into report.json / report.md")
+    p.add_argument("dir")
+    p.add_argument("--data-dir", default=None)
+    p = sub.add_parser("compare", help="side-by-side table of several run reports with deltas, and a bar chart")
+    p.add_argument("dirs", nargs="+", help="output folders of `run` (the first is the baseline of the deltas)")
+    p.add_argument("--labels", default=None, help="comma-separated names for the folders (default: folder names)")
+    p.add_argument("--out", default=None, help="bar chart PNG (default: compare.png next to the first folder); "
+                   "the table is also written beside it as .md")
     args = parser.parse_args(argv)
+    commands = {"run": cmd_run, "score": cmd_score, "report": cmd_report, "compare": cmd_compare}
     try:
-        out = {"score": cmd_score}[args.command](args)
+        out = commands[args.command](args)
     except BFCLDataError as e:
         raise SystemExit(f"error: {e}")
-    print(json.dumps(out))
+    if args.command == "score":
+        print(json.dumps(out))
     return out
 
 

@@ -67,6 +67,35 @@ def plot_runs(run_dirs, out_dir=None, smooth_k: int = 1) -> Path:
     return path
 
 
+def bar_chart(groups: list[str], series: dict[str, list[float]], path, title: str = "", ylabel: str = "") -> Path:
+    """Grouped bars: one group per name in `groups`, one bar per series (e.g. a model) in each group, the value
+    written above each bar. series: {label: [value per group]}. Writes the PNG to `path` and returns it."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    n = max(len(series), 1)
+    width = 0.8 / n
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(groups) * max(1, n / 2) + 2), 4.5))
+    for k, (label, values) in enumerate(series.items()):
+        xs = [i + (k - (n - 1) / 2) * width for i in range(len(groups))]
+        bars = ax.bar(xs, values, width, label=label)
+        ax.bar_label(bars, fmt="%.1f", fontsize=7, padding=1)
+    ax.set_xticks(range(len(groups)))
+    ax.set_xticklabels(groups, rotation=30, ha="right")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(axis="y", alpha=0.3)
+    if len(series) > 1:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Plot training curves of one or more runs, overlaid.")
     ap.add_argument("runs", nargs="+", help="run directories (each with metrics.jsonl)")

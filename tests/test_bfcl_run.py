@@ -1,0 +1,263 @@
+"""eval/bfcl.py: `run` end to end, the summary columns, `compare`, bad input, and the evaluation functions
+train.py uses. Generation is either the tiny random model (garbage text) or a stand-in for rl.sampler.sample
+that answers chosen texts, so the scoring is checked on known outputs."""
+import json
+import os
+
+import pytest
+import torch
+
+import eval.bfcl as bfcl
+import rl.sampler
+from data.calls import format_calls
+from eval.bfcl import (BFCLDataError, evaluate_bfcl, evaluate_records, find_data_dir, main, select_subset,
+                       summarize)
+from rl.sampler import Rollouts
+
+PICK = {"simple_python": 3, "multiple": 2, "live_simple": 2, "irrelevance": 2, "live_relevance": 1}
+
+
+def _shortest_lines(path: str, n: int) -> list[int]:
+    with open(path) as f:
+        lengths = [len(line) for line in f if line.strip()]
+    return sorted(sorted(range(len(lengths)), key=lambda i: lengths[i])[:n])
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """A folder laid out like bfcl_eval/data holding a few short real items per category (questions and their
+    possible answers copied line by line, so positions still pair them)."""
+    src = find_data_dir()
+    root = tmp_path_factory.mktemp("bfcl_data")
+    os.makedirs(root / "possible_answer")
+    for category, n in PICK.items():
+        name = f"BFCL_v4_{category}.json"
+        keep = _shortest_lines(os.path.join(src, name), n)
+        for sub in ([".", "possible_answer"] if category not in bfcl.RELEVANCE_CATEGORIES else ["."]):
+            with open(os.path.join(src, sub, name)) as f:
+                lines = [line for line in f if line.strip()]
+            (root / sub / name).write_text("".join(lines[i] for i in keep))
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """The tiny random model + byte tokenizer saved as a run checkpoint would be (with run_config.json)."""
+    from model.tiny import byte_tokenizer, tiny_model
+    path = tmp_path_factory.mktemp("tiny")
+    tok = byte_tokenizer()
+    tiny_model(tok).save_pretrained(path)
+    tok.save_pretrained(path)
+    (path / "run_config.json").write_text(json.dumps({"answer_format": "think", "tools_as": "python",
+                                                      "prefill": "<think>", "lr": 1e-5}))
+    return str(path)
+
+
+def _right_text(item: dict) -> str:
+    """A correct think-format answer for a BFCL item: the first allowed value of every non-omittable parameter."""
+    if item["ground_truth"] is None:
+        calls = [] if "irrelevance" in item["category"] else [{"name": item["function"][0]["name"], "arguments": {}}]
+    else:
+        calls = [{"name": name, "arguments": {p: allowed[0] for p, allowed in params.items() if allowed[0] != ""}}
+                 for call in item["ground_truth"] for name, params in call.items()]
+    answer = format_calls(calls) if calls else "No function applies."
+    return f"<think>ok</think><answer>{answer}</answer>"
+
+
+def _fake_sample(answer_for):
+    """A stand-in for rl.sampler.sample: answer_for(prompt text) -> completion text (what follows the prompt)."""
+    seen = []
+
+    def sample(model, tokenizer, prompt_ids, **kwargs):
+        prompts = [tokenizer.decode(p) for p in prompt_ids]
+        seen.extend(prompts)
+        texts = [answer_for(p) for p in prompts]
+        n = len(texts)
+        return Rollouts(prompt_index=list(range(n)), completion_ids=[[0]] * n, response_mask=torch.ones(n, 1),
+                        truncated=[False] * n, sampler_logp=None, texts=texts)
+    sample.seen = seen
+    return sample
+
+
+def _answers_by_question(items, prefill="<think>"):
+    def answer_for(prompt):
+        for it in items:
+            if it["question"][-1]["content"] in prompt:
+                assert prompt.endswith(prefill)
+                return _right_text(it)[len(prefill):]
+        raise AssertionError("prompt of an unknown item")
+    return answer_for
+
+
+def _all_items(data_dir):
+    return [it for c in PICK for it in bfcl.load_category(c, data_dir)]
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+def test_summary_columns_hand_computed():
+    acc = {"simple_python": 0.5, "multiple": 0.25, "parallel": 1.0, "parallel_multiple": 0.0,
+           "live_simple": 0.5, "live_multiple": 0.25, "live_parallel": 1.0, "live_parallel_multiple": 0.0,
+           "irrelevance": 0.9, "live_irrelevance": 0.7, "live_relevance": 0.5}
+    full = {"live_simple": 258, "live_multiple": 1053, "live_parallel": 16, "live_parallel_multiple": 24}
+    per_category = {c: {"accuracy": a, "total": 50, "n_full": full.get(c, 200)} for c, a in acc.items()}
+    s = summarize(per_category)
+    assert s["non_live_ast"] == {"value": pytest.approx(1.75 / 4), "missing": []}  # unweighted over the 4 groups
+    live = (0.5 * 258 + 0.25 * 1053 + 1.0 * 16 + 0.0 * 24) / (258 + 1053 + 16 + 24)  # weighted by full counts
+    assert s["live"]["value"] == pytest.approx(live) and abs(live - 0.4375) > 0.1
+    assert s["overall"]["value"] == pytest.approx((1.75 / 4 + live) / 2)
+    assert s["irrelevance"]["value"] == pytest.approx(0.8) and s["relevance"]["value"] == 0.5
+    # the evaluated (limited) counts do not change the weights
+    assert summarize({c: {**r, "total": 7} for c, r in per_category.items()})["live"]["value"] == pytest.approx(live)
+    # missing parts: mean of what is there, and listed
+    part = summarize({"simple_python": {"accuracy": 0.6, "n_full": 400}, "parallel": {"accuracy": 0.2, "n_full": 200},
+                      "live_multiple": {"accuracy": 0.3, "n_full": 1053}})
+    assert part["non_live_ast"] == {"value": pytest.approx(0.4), "missing": ["multiple", "parallel_multiple"]}
+    assert part["live"]["value"] == pytest.approx(0.3) and "live_simple" in part["live"]["missing"]
+    assert part["overall"]["value"] == pytest.approx(0.35)
+    assert part["relevance"] == {"value": None, "missing": ["live_relevance"]}
+
+
+def test_subset_is_fixed_random_and_ordered():
+    items = [{"id": str(i)} for i in range(100)]
+    a, b = select_subset(items, 10), select_subset(items, 10)
+    assert a == b and len(a) == 10 and [int(x["id"]) for x in a] == sorted(int(x["id"]) for x in a)
+    assert a != items[:10]
+    assert select_subset(items, None) == items and select_subset(items, 500) == items
+
+
+def test_run_end_to_end_tiny_model(tiny_dir, data_dir, tmp_path, capsys):
+    out = str(tmp_path / "run")
+    report = main(["run", "--model", tiny_dir, "--categories", "simple_python,multiple,irrelevance", "--limit", "2",
+                   "--max-new-tokens", "3", "--batch-size", "2", "--out", out, "--data-dir", data_dir])
+    printed = capsys.readouterr().out
+    # settings come from the checkpoint's run_config.json, and are said
+    assert "tools_as='python'" in printed and report["settings"]["tools_as"] == "python"
+    assert report["settings"]["prefill"] == "<think>"
+    for category in ("simple_python", "multiple", "irrelevance"):
+        rows = [json.loads(line) for line in open(os.path.join(out, f"{category}_result.jsonl"))]
+        assert len(rows) == 2 and all(set(r) == {"id", "result"} and r["result"].startswith("<think>") for r in rows)
+        assert report["categories"][category]["total"] == 2
+        # the result file re-scores to the same number with the `score` subcommand
+        scored = main(["score", "--category", category, "--results", os.path.join(out, f"{category}_result.jsonl"),
+                       "--data-dir", data_dir])
+        assert scored["accuracy"] == report["categories"][category]["accuracy"]
+    assert report["categories"]["simple_python"]["n_full"] == PICK["simple_python"]
+    # garbage from a random model: wrong on AST categories, "no call" is right on irrelevance (BFCL's rule)
+    assert report["categories"]["simple_python"]["accuracy"] == 0.0
+    assert report["categories"]["irrelevance"]["accuracy"] == 1.0
+    assert report["categories"]["irrelevance"]["strict_accuracy"] == 0.0  # no <answer> block
+    assert report["summary"] == json.loads(json.dumps(summarize(report["categories"])))
+    on_disk = json.load(open(os.path.join(out, "report.json")))
+    assert on_disk["summary"] == report["summary"] and on_disk["timing"]["items"] == 6
+    assert on_disk["timing"]["items_per_s"] > 0
+    md = open(os.path.join(out, "report.md")).read()
+    assert "Non-Live AST" in md and "| simple_python | 2 |" in md and "weighted by each category's" in md
+
+
+def test_run_scores_right_and_wrong_answers(tiny_dir, data_dir, tmp_path, monkeypatch):
+    items = _all_items(data_dir)
+    monkeypatch.setattr(rl.sampler, "sample", _fake_sample(_answers_by_question(items)))
+    out = str(tmp_path / "right")
+    report = main(["run", "--model", tiny_dir, "--categories", ",".join(PICK), "--out", out, "--data-dir", data_dir,
+                   "--batch-size", "3"])
+    assert set(report["categories"]) == set(PICK)
+    for category, r in report["categories"].items():
+        assert (r["accuracy"], r["strict_accuracy"], r["total"]) == (1.0, 1.0, PICK[category]), category
+    assert report["summary"]["non_live_ast"]["value"] == 1.0 and report["summary"]["relevance"]["value"] == 1.0
+    # empty and garbage completions: scored as wrong, no crash; irrelevance right (no call), relevance wrong
+    garbage = iter(["", "((([[[<answer>", "\x00\ufffd" * 50, "[f(x=)]", "</think><answer>[[[</answer>"] * 10)
+    monkeypatch.setattr(rl.sampler, "sample", _fake_sample(lambda p: next(garbage)))
+    report = main(["run", "--model", tiny_dir, "--categories", ",".join(PICK), "--out", str(tmp_path / "bad"),
+                   "--data-dir", data_dir, "--answer-format", "plain", "--prefill", ""])
+    acc = {c: r["accuracy"] for c, r in report["categories"].items()}
+    assert acc == {"simple_python": 0.0, "multiple": 0.0, "live_simple": 0.0, "irrelevance": 1.0,
+                   "live_relevance": 0.0}
+    assert report["settings"]["answer_format"] == "plain"  # flags win over run_config.json
+
+
+def test_compare_table_and_png(tmp_path, capsys):
+    def fake_report(name, accs):
+        d = tmp_path / name
+        d.mkdir()
+        cats = {c: {"accuracy": a, "total": 10, "n_full": 100} for c, a in accs.items()}
+        (d / "report.json").write_text(json.dumps({"categories": cats, "summary": summarize(cats)}))
+        return str(d)
+    a = fake_report("base", {"simple_python": 0.2, "live_simple": 0.1})
+    b = fake_report("grpo", {"simple_python": 0.5, "live_simple": 0.3})
+    c = fake_report("funrl", {"simple_python": 0.6, "live_simple": 0.2, "irrelevance": 0.9})
+    png = str(tmp_path / "cmp.png")
+    out = main(["compare", a, b, c, "--out", png])
+    text = capsys.readouterr().out
+    assert out["header"] == ["", "base", "grpo", "funrl", "Δ grpo", "Δ funrl"]
+    assert "| simple_python | 20.00 | 50.00 | 60.00 | +30.00 | +40.00 |" in text
+    assert "| Overall | 15.00 | 40.00 | 40.00 | +25.00 | +25.00 |" in text
+    assert "| irrelevance | - | - | 90.00 | - | - |" in text
+    assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    assert os.path.exists(str(tmp_path / "cmp.md"))
+    with pytest.raises(SystemExit, match="no report.json"):
+        main(["compare", a, str(tmp_path)])
+
+
+def test_bad_input_messages(tmp_path, data_dir, tiny_dir, monkeypatch):
+    with pytest.raises(SystemExit, match="pip install --no-deps bfcl-eval"):
+        main(["run", "--model", tiny_dir, "--categories", "simple_python", "--data-dir", str(tmp_path / "none")])
+    with pytest.raises(SystemExit, match="pip install --no-deps bfcl-eval"):  # data dir without that category
+        main(["run", "--model", tiny_dir, "--categories", "parallel", "--data-dir", data_dir])
+    with pytest.raises(SystemExit, match=r"unknown or unsupported category 'simple_cobol'; choose from: "
+                                         r"simple_python, multiple, parallel"):
+        main(["run", "--model", tiny_dir, "--categories", "simple_python,simple_cobol", "--data-dir", data_dir])
+    # no package on the path at all
+    monkeypatch.setattr(bfcl.sys, "path", [str(tmp_path)])
+    monkeypatch.setattr(bfcl.site, "getsitepackages", lambda: [])
+    monkeypatch.setattr(bfcl.site, "getusersitepackages", lambda: str(tmp_path))
+    with pytest.raises(BFCLDataError, match="pip install --no-deps bfcl-eval"):
+        find_data_dir()
+
+
+def test_evaluate_records_and_bfcl(tiny_model, tiny_tokenizer, data_dir, monkeypatch):
+    records = [{"id": "r0", "messages": [{"role": "user", "content": "Weather in Oslo?"}], "category": "simple",
+                "tools": [{"name": "get_weather", "description": "d", "parameters": {
+                    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}],
+                "answers": [{"name": "get_weather", "arguments": {"city": "Oslo"}}]},
+               {"id": "r1", "messages": [{"role": "user", "content": "Tell me a joke."}], "category": "irrelevance",
+                "tools": [{"name": "get_weather", "description": "d", "parameters": {
+                    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}],
+                "answers": []}]
+    # the real tiny model: garbage, scored, never a crash
+    out = evaluate_records(tiny_model, tiny_tokenizer, records, prefill="<think>", max_new_tokens=4, tools_as="python")
+    assert out["total"] == 2 and out["correct"] == 0 and len(out["outputs"]) == 2
+    assert all(t.startswith("<think>") for t in out["outputs"])
+    assert evaluate_records(tiny_model, tiny_tokenizer, [])["total"] == 0  # an empty shard on some rank
+    # a model that always answers right scores 1.0 (the reward sees prefill + completion)
+    right = {"Weather in Oslo?": "ok</think><answer>[get_weather(city='Oslo')]</answer>",
+             "Tell me a joke.": "no tool</think><answer>None of the functions fits.</answer>"}
+    monkeypatch.setattr(rl.sampler, "sample", _fake_sample(lambda p: next(v for k, v in right.items() if k in p)))
+    out = evaluate_records(tiny_model, tiny_tokenizer, records, prefill="<think>")
+    assert (out["correct"], out["total"]) == (2, 2)
+    assert out["per_category"] == {"simple": [1, 1], "irrelevance": [1, 1]}
+
+    # BFCL subsets: every item right -> 1.0; sharded over 2 ranks, the shards split the same fixed subset
+    items = _all_items(data_dir)
+    fake = _fake_sample(_answers_by_question(items))
+    monkeypatch.setattr(rl.sampler, "sample", fake)
+    reduced = []
+
+    def all_reduce(t):
+        reduced.append(t.clone())
+        return t
+    cats = ["simple_python", "live_relevance", "irrelevance"]
+    for rank in (0, 1):  # this all_reduce does not sum, so each rank sees its own counts
+        evaluate_bfcl(tiny_model, tiny_tokenizer, cats, limit=2, rank=rank, world=2, all_reduce=all_reduce,
+                      prefill="<think>", data_dir=data_dir)
+    totals = reduced[0] + reduced[1]  # [C, (correct, total)]
+    assert reduced[0].dtype == torch.float64 and totals.tolist() == [[2.0, 2.0], [1.0, 1.0], [2.0, 2.0]]
+    first = list(fake.seen)
+    fake.seen.clear()
+    acc = evaluate_bfcl(tiny_model, tiny_tokenizer, cats, limit=2, prefill="<think>", data_dir=data_dir)
+    assert acc == {c: 1.0 for c in cats}
+    assert sorted(fake.seen) == sorted(first)  # the same subset every call, and the shards cover it exactly once
+    # garbage is wrong on AST and relevance, and right on irrelevance
+    monkeypatch.setattr(rl.sampler, "sample", _fake_sample(lambda p: "<<garbage"))
+    acc = evaluate_bfcl(tiny_model, tiny_tokenizer, cats, limit=2, prefill="<think>", data_dir=data_dir)
+    assert acc == {"simple_python": 0.0, "live_relevance": 0.0, "irrelevance": 1.0}
