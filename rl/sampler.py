@@ -194,7 +194,7 @@ def build_generation_config(model, tokenizer, max_new_tokens: int, greedy: bool 
 
     cfg = GenerationConfig(
         do_sample=not greedy, num_beams=1, num_return_sequences=1, max_new_tokens=max_new_tokens,
-        min_new_tokens=min_new_tokens or None, min_length=0,
+        min_new_tokens=min_new_tokens or None,
         # our processors do temperature/top-k/top-p; these values make transformers add none of its own
         temperature=1.0, top_k=0, top_p=1.0, min_p=None, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0,
         repetition_penalty=1.0, encoder_repetition_penalty=1.0, no_repeat_ngram_size=0, length_penalty=1.0,

@@ -226,7 +226,7 @@ def test_logprob_gap():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="static cache + torch.compile is a CUDA path")
 def test_static_cache_compiled_on_cuda(tiny_tokenizer):
     from model.tiny import tiny_model
-    model = tiny_model(tiny_tokenizer).cuda().eval()
+    model = tiny_model(tiny_tokenizer).cuda().double().eval()  # float64: compiled kernels must not flip an argmax
     prompts = encode(tiny_tokenizer)
     dynamic = sample(model, tiny_tokenizer, prompts, greedy=True, max_new_tokens=16)
     static = sample(model, tiny_tokenizer, prompts, greedy=True, max_new_tokens=16, static_cache=True)
