@@ -24,12 +24,12 @@ from data.calls import format_calls, render_prompt
 from data.default import load_default, load_records
 from model.load import (latest_checkpoint, load_model, load_tokenizer, pick_device, prune_checkpoints, save_checkpoint,
                         set_rng_state)
-from model.score import completion_logprobs
+from model.score import completion_logprobs, shared_prompt_logprobs
 from rl.cli import config_to_json, parse_config
 from rl.grpo import (aggregate, group_advantages, kl_k3, per_token_loss, shaped_advantages, think_token_mask,
                      zero_variance_groups)
 from rl.reward import reward as compute_reward
-from rl.sampler import logprob_gap, rank_seed, sample
+from rl.sampler import logprob_gap, rank_seed, real_vocab_size, sample
 
 
 @dataclass
@@ -84,6 +84,7 @@ class Config:
     grad_checkpointing: bool = False  # recompute activations in backward (less memory, ~30% slower)
     fsdp: bool = False  # shard the policy with FSDP2 (multi-GPU, models that do not fit one GPU)
     sampler_token_budget: int = 65536  # tokens (batch x (prompt + new)) per generate call; bounds memory
+    share_prompt_kv: bool = True  # score a group's prompt once and reuse its KV cache for the G completions
     # --- evaluation, logging, checkpoints ---
     eval_every: int = 0  # evaluate every N RL steps (0 = only before and after training)
     eval_limit: int = 60  # held-out records per evaluation (greedy)
@@ -163,7 +164,8 @@ def main(argv=None):
     policy = load_model(start_from, device, cfg.dtype, cfg.attn, cfg.cache_dir or None)
     if cfg.grad_checkpointing:
         policy.gradient_checkpointing_enable()
-    scorer = PolicyScorer(policy)  # one module whose forward is the scoring pass, so DDP/FSDP can wrap it
+    vocab_size = real_vocab_size(tokenizer, policy)  # never score head rows the sampler cannot emit
+    scorer = PolicyScorer(policy, vocab_size, cfg.share_prompt_kv)  # one module whose forward is the scoring pass, so DDP/FSDP can wrap it
     if cfg.fsdp:  # FSDP2: shard every decoder layer, then the rest (embeddings, norm, head) at the root
         from torch.distributed.fsdp import fully_shard
         for layer in policy.model.layers:
@@ -244,7 +246,7 @@ def main(argv=None):
             prompts = [prompt_ids(r) for r in batch]
             targets = [tokenizer(target_text(r), add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
                        for r in batch]
-            logp, _, _ = train_scorer(prompts, targets, 1.0, False)
+            logp, _, _ = train_scorer(prompts, targets, 1.0, False, False)
             n_tokens = all_reduce(torch.tensor(float(logp.numel()))).item()
             loss = -logp.sum() / n_tokens * world  # token mean over the global batch (DDP averages over ranks)
             loss.backward()
@@ -290,6 +292,13 @@ def main(argv=None):
         cursor, start_step, skipped_updates = state["cursor"], state["step"], state["skipped_updates"]
         evals = state.get("evals", {})
         set_rng_state(torch.load(resume_from / f"rng-rank{rank}.pt", weights_only=False))
+        if master:  # drop what the interrupted run logged after this checkpoint, so no step appears twice
+            for name in ("metrics.jsonl", "samples.jsonl"):
+                path = run_dir / name
+                if path.is_file():
+                    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+                    path.write_text("".join(json.dumps(r) + "\n" for r in rows
+                                            if r.get("phase") == "warmup" or r.get("step", 0) <= start_step))
         log(f"[train] resumed from {resume_from} at step {start_step}")
 
     def next_prompts(n: int) -> list[dict]:
@@ -365,11 +374,11 @@ def main(argv=None):
         with torch.no_grad():
             old_logp = entropy = ref_logp = None
             if not on_policy:
-                lp, ent, _ = scorer(batch["prompts"], batch["completions"], cfg.temperature, True)
+                lp, ent, _ = scorer(batch["prompts"], batch["completions"], cfg.temperature, True, True)
                 old_logp, entropy = pad(lp), pad(ent)
             if reference is not None and S:
-                lp, _, _ = completion_logprobs(reference, batch["prompts"], batch["completions"], cfg.temperature,
-                                               with_entropy=False)
+                lp, _, _ = PolicyScorer(reference, vocab_size, cfg.share_prompt_kv)(
+                    batch["prompts"], batch["completions"], cfg.temperature, False, True)
                 ref_logp = pad(lp)
         t_score = time.time() - t1
 
@@ -384,11 +393,11 @@ def main(argv=None):
         for epoch in range(cfg.ppo_epochs):
             perm = torch.randperm(S, generator=torch.Generator().manual_seed(cfg.seed + step * 131 + epoch))
             for mb in range(cfg.minibatches):
-                idx = perm[mb::cfg.minibatches].tolist()
+                idx = sorted(perm[mb::cfg.minibatches].tolist())  # sorted: a group stays contiguous
                 if not idx:
                     continue
                 lp, ent, _ = train_scorer([batch["prompts"][i] for i in idx],
-                                          [batch["completions"][i] for i in idx], cfg.temperature, True)
+                                          [batch["completions"][i] for i in idx], cfg.temperature, True, True)
                 mb_mask = mask[idx].to(device)
                 logp = torch.zeros(len(idx), T, device=device, dtype=torch.float32)
                 logp[mb_mask.bool()] = lp
@@ -518,12 +527,17 @@ class PolicyScorer(torch.nn.Module):
     """Per-token log-probs (and detached entropies) of completions under the policy, as a module: DDP's gradient
     all-reduce and FSDP's unshard/reshard hooks need the training forward to go through a module's forward."""
 
-    def __init__(self, policy):
+    def __init__(self, policy, vocab_size: int, share_prompt_kv: bool):
         super().__init__()
-        self.policy = policy
+        self.policy, self.vocab_size, self.share_prompt_kv = policy, vocab_size, share_prompt_kv
 
-    def forward(self, prompts, completions, temperature: float, with_entropy: bool):
-        return completion_logprobs(self.policy, prompts, completions, temperature, with_entropy=with_entropy)
+    def forward(self, prompts, completions, temperature: float, with_entropy: bool, grouped: bool):
+        # grouped: G consecutive completions share a prompt (rollouts), so its forward can be shared
+        if grouped and self.share_prompt_kv:
+            return shared_prompt_logprobs(self.policy, prompts, completions, temperature, with_entropy,
+                                          self.vocab_size)
+        return completion_logprobs(self.policy, prompts, completions, temperature, with_entropy,
+                                   vocab_size=self.vocab_size)
 
 
 def peak_memory_gb(device) -> float:

@@ -94,15 +94,67 @@ def completion_hidden(model, prompt_ids: list[list[int]], completion_ids: list[l
 
 
 def completion_logprobs(model, prompt_ids: list[list[int]], completion_ids: list[list[int]], temperature: float = 1.0,
-                        with_entropy: bool = True, pack: bool | None = None):
+                        with_entropy: bool = True, pack: bool | None = None, vocab_size: int | None = None):
     """(logp [N], entropy [N] or None, lengths) of every completion token under `model` at `temperature`.
 
     logp is differentiable (body and lm_head, tied or not); entropy is detached. Split per sequence with
-    logp.split(lengths).
+    logp.split(lengths). `vocab_size` restricts the softmax to the tokenizer's real vocabulary (the rows the
+    sampler can emit; see rl.sampler.real_vocab_size), so trainer and sampler score the same distribution.
     """
     head = model.get_output_embeddings()
     if getattr(head, "bias", None) is not None:
         raise NotImplementedError("lm_head with a bias is not supported by the fused log-prob kernel")
     hidden, targets = completion_hidden(model, prompt_ids, completion_ids, pack=pack)
-    logp, entropy = logprob_entropy(hidden, head.weight, targets, temperature=temperature, with_entropy=with_entropy)
+    weight = head.weight if vocab_size is None else head.weight[:vocab_size]
+    logp, entropy = logprob_entropy(hidden, weight, targets, temperature=temperature, with_entropy=with_entropy)
+    return logp, entropy, [len(c) for c in completion_ids]
+
+
+def shared_prompt_logprobs(model, prompt_ids: list[list[int]], completion_ids: list[list[int]],
+                           temperature: float = 1.0, with_entropy: bool = True, vocab_size: int | None = None):
+    """Same result as `completion_logprobs`, but each run of consecutive completions that share a prompt (a GRPO
+    group) runs the prompt through the body once: its KV cache is repeated for the group's completions, and
+    gradients flow back through the cache into the prompt's single forward. With prompts of ~300 tokens and
+    completions of ~60, a group of 8 costs ~780 token-forwards instead of ~2900.
+    Returns (logp [N], entropy [N] or None, lengths), tokens in the order of the inputs."""
+    _check(prompt_ids, completion_ids)
+    device = _device(model)
+    body = _body(model)
+    head = model.get_output_embeddings()
+    hidden_parts = []
+    i = 0
+    while i < len(prompt_ids):
+        j = i
+        while j < len(prompt_ids) and prompt_ids[j] == prompt_ids[i]:
+            j += 1
+        prompt = torch.tensor(prompt_ids[i], dtype=torch.long, device=device)[None]  # [1, Tp]
+        group = completion_ids[i:j]
+        k, Tp, Tc = j - i, prompt.shape[1], max(len(c) for c in group)
+        if Tc == 0:
+            i = j
+            continue
+        out = body(input_ids=prompt, use_cache=True)
+        cache = out.past_key_values
+        cache.batch_repeat_interleave(k)  # [k, heads, Tp, d] per layer, still in the autograd graph
+        ids = torch.zeros(k, Tc, dtype=torch.long, device=device)
+        comp_mask = torch.zeros(k, Tc, dtype=torch.long, device=device)
+        for r, c in enumerate(group):
+            ids[r, :len(c)] = torch.tensor(c, dtype=torch.long, device=device)
+            comp_mask[r, :len(c)] = 1
+        attention_mask = torch.cat([torch.ones(k, Tp, dtype=torch.long, device=device), comp_mask], dim=1)
+        position_ids = (Tp + torch.arange(Tc, device=device))[None].expand(k, -1)
+        comp_hidden = body(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids,
+                           past_key_values=cache, use_cache=True).last_hidden_state  # [k, Tc, H]
+        last_prompt = out.last_hidden_state[0, -1]  # predicts every completion's first token
+        for r, c in enumerate(group):
+            if c:
+                hidden_parts.append(torch.cat([last_prompt[None], comp_hidden[r, :len(c) - 1]], dim=0))
+        i = j
+    targets = torch.tensor([t for c in completion_ids for t in c], dtype=torch.long, device=device)
+    if not hidden_parts:
+        return torch.zeros(0, device=device), (torch.zeros(0, device=device) if with_entropy else None), \
+            [len(c) for c in completion_ids]
+    hidden = torch.cat(hidden_parts, dim=0)  # [N, H]
+    weight = head.weight if vocab_size is None else head.weight[:vocab_size]
+    logp, entropy = logprob_entropy(hidden, weight, targets, temperature=temperature, with_entropy=with_entropy)
     return logp, entropy, [len(c) for c in completion_ids]

@@ -18,6 +18,7 @@ def _config_cls():
     import importlib.util
     spec = importlib.util.spec_from_file_location("train_script", ROOT / "train.py")
     mod = importlib.util.module_from_spec(spec)
+    sys.modules["train_script"] = mod  # dataclasses resolve string annotations through sys.modules
     spec.loader.exec_module(mod)
     return mod.Config
 

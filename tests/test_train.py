@@ -1,0 +1,139 @@
+"""train.py end to end on the tiny model: a run writes what it promises, SIGKILL + --resume auto continues
+exactly, and two processes under torchrun end a step with the same parameters as one process."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+VOLATILE = ("time_", "tokens_per_s", "peak_mem_gb")
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, tiny_data):
+    """The tiny random model after a supervised warm-up on the data (train.py --steps 0): it then writes
+    well-formed answers with varying arguments, so graded rewards differ within a group and GRPO has a gradient."""
+    from model.tiny import byte_tokenizer, tiny_model
+    root = tmp_path_factory.mktemp("tiny")
+    tok = byte_tokenizer()
+    tiny_model(tok, seed=1).save_pretrained(root / "random")
+    tok.save_pretrained(root / "random")
+    _finish(_run(["--model", str(root / "random"), "--train-data", str(tiny_data), "--val-data", str(tiny_data),
+                  "--difficulty", "all", "--out-dir", str(root / "warm"), "--steps", "0", "--sft-steps", "60",
+                  "--sft-lr", "3e-3", "--sft-batch-size", "6", "--eval-limit", "1", "--max-new-tokens", "4"]))
+    return root / "warm" / "warmup"
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    """A few short records so the byte-level prompts stay small."""
+    tools = [{"name": "f", "description": "F.", "parameters": {"type": "object", "properties": {
+        "x": {"type": "integer", "description": "X."}}, "required": ["x"]}}]
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    with open(path, "w") as fh:
+        for i in range(6):
+            fh.write(json.dumps({"id": f"r{i}", "messages": [{"role": "user", "content": f"x={i}"}], "tools": tools,
+                                 "answers": [{"name": "f", "arguments": {"x": i}}], "category": "simple",
+                                 "reasoning": "f"}) + "\n")
+    return path
+
+
+def _args(tiny_dir, tiny_data, out, *extra):
+    return ["--model", str(tiny_dir), "--train-data", str(tiny_data), "--val-data", str(tiny_data),
+            "--difficulty", "all", "--out-dir", str(out), "--max-new-tokens", "36", "--group-size", "4",
+            "--prompts-per-step", "2", "--eval-limit", "2", "--sft-batch-size", "2", "--lr", "1e-3",
+            "--sample-every", "1", "--kl-coef", "0.05", "--reward-mode", "graded", *extra]
+
+
+def _run(args, nproc=1, **kw):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(ROOT / "train.py"), *args]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def _finish(proc, timeout=300):
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+def _rl_rows(run):
+    rows = [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if not k.startswith(VOLATILE)} for r in rows if r["phase"] == "rl"]
+
+
+def _final_params(run, step):
+    return load_file(Path(run) / "checkpoints" / f"step-{step:06d}" / "model.safetensors")
+
+
+def test_run_writes_config_metrics_samples_checkpoint(tiny_dir, tiny_data, tmp_path):
+    out = _finish(_run(_args(tiny_dir, tiny_data, tmp_path / "run", "--steps", "2", "--sft-steps", "2",
+                             "--save-every", "1", "--keep-last", "1")))
+    run = tmp_path / "run"
+    config = json.loads((run / "config.json").read_text())
+    assert config["steps"] == 2 and config["group_size"] == 4
+    rows = _rl_rows(run)
+    assert [r["step"] for r in rows] == [1, 2]
+    for key in ("reward", "kl", "cot_entropy", "clip_frac", "grad_norm", "zero_var_frac", "logp_gap_mean", "lr",
+                "truncated_frac", "resp_len_mean", "format_error_rate", "bonus", "adv_mean"):
+        assert key in rows[0], key
+    # fp32 tiny model: the sampler's and the trainer's log-probs are the same distribution
+    assert rows[0]["logp_gap_max"] < 1e-3
+    samples = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 2 * 2 * 4 and {"prompt", "completion", "reward", "reason"} <= set(samples[0])
+    ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert ckpts == ["step-000002"]  # keep_last 1 pruned step 1
+    from transformers import AutoModelForCausalLM
+    AutoModelForCausalLM.from_pretrained(run / "checkpoints" / "step-000002")
+    summary = json.loads((run / "summary.json").read_text())
+    assert {"eval/before/val_accuracy", "eval/after_warmup/val_accuracy", "eval/after_rl/val_accuracy"} <= set(summary)
+    assert (run / "plots" / "curves.png").is_file()
+    assert "[done]" in out
+
+
+def test_sigkill_then_resume_matches_uninterrupted(tiny_dir, tiny_data, tmp_path):
+    common = ("--steps", "4", "--sft-steps", "2", "--save-every", "1", "--keep-last", "5")
+    _finish(_run(_args(tiny_dir, tiny_data, tmp_path / "full", *common)))
+    proc = _run(_args(tiny_dir, tiny_data, tmp_path / "killed", *common), start_new_session=True)
+    deadline = time.time() + 300
+    while not (tmp_path / "killed" / "checkpoints" / "step-000002").is_dir():
+        assert time.time() < deadline and proc.poll() is None, "run ended before it could be killed"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "killed" / "checkpoints" / "step-000004").exists()
+    _finish(_run(_args(tiny_dir, tiny_data, tmp_path / "killed", *common, "--resume", "auto")))
+    full, resumed = _rl_rows(tmp_path / "full"), _rl_rows(tmp_path / "killed")
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    for a, b in zip(full[2:], resumed[2:]):
+        assert a == pytest.approx(b, rel=1e-6, abs=1e-7), (a, b)
+    pa, pb = _final_params(tmp_path / "full", 4), _final_params(tmp_path / "killed", 4)
+    for name in pa:
+        assert torch.equal(pa[name], pb[name]), name
+    # and the run did change the parameters (the comparison is not vacuous)
+    p0 = _final_params(tmp_path / "full", 1)
+    assert any(not torch.equal(pa[n], p0[n]) for n in pa)
+
+
+def test_two_processes_match_one(tiny_dir, tiny_data, tmp_path):
+    common = ("--steps", "1", "--sft-steps", "0", "--save-every", "1", "--prompts-per-step", "2")
+    one = _run(_args(tiny_dir, tiny_data, tmp_path / "one", *common))
+    _finish(one)
+    _finish(_run(_args(tiny_dir, tiny_data, tmp_path / "two", *common), nproc=2))
+    p1, p2 = _final_params(tmp_path / "one", 1), _final_params(tmp_path / "two", 1)
+    start = load_file(tiny_dir / "model.safetensors")
+    changed = False
+    for name in p1:
+        assert torch.allclose(p1[name], p2[name], rtol=1e-4, atol=1e-6), name
+        changed |= not torch.equal(p1[name], start[name])
+    assert changed, "the step did not update the parameters: the comparison would be vacuous"
+    r1, r2 = _rl_rows(tmp_path / "one")[0], _rl_rows(tmp_path / "two")[0]
+    assert r1["reward"] == pytest.approx(r2["reward"]) and r1["loss"] == pytest.approx(r2["loss"], rel=1e-4)
