@@ -38,7 +38,151 @@ def _fmt(v) -> str:
 
 
 def bench_kernels(argv):
-    raise SystemExit("kernels benchmark: not implemented yet")
+    """Log-prob + entropy head at lm_head shapes: naive (full fp32 logits, log_softmax + gather + entropy),
+    chunked torch, Triton (CUDA), and the bare lm_head matmul (forward + backward: the compute floor).
+
+    Time: median over --repeats, variants interleaved in one process. "fwd" is the no-grad forward (how old and
+    reference policies are scored), "fwd+bwd" a forward with grad followed by backward of sum(logp).
+    Peak extra memory of fwd+bwd above the inputs: on CUDA torch.cuda.max_memory_allocated minus the allocation
+    before the call; on CPU, per variant in a fresh subprocess, the kernel's resident-set high-water mark
+    (VmHWM, reset through /proc/self/clear_refs after the inputs exist) minus the resident set before the call.
+    Both include the gradients the call returns (grad_W is [V, H]), which every variant produces.
+    """
+    import argparse
+    import os
+    import statistics
+    import subprocess
+
+    from model.kernels import logprob_entropy, naive_logprob_entropy, triton_available
+
+    shapes = {"smollm2-135m": (4096, 576, 49152), "qwen2.5-0.5b": (4096, 896, 151936),
+              "qwen2.5-7b": (16384, 3584, 151936)}
+    parser = argparse.ArgumentParser(prog="python -m eval.bench kernels")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--shapes", default=None, help=f"comma list of {', '.join(shapes)} (default: all on GPU, "
+                        "the first two on CPU)")
+    parser.add_argument("--tokens", type=int, default=None, help="override N (tokens) for every shape")
+    parser.add_argument("--repeats", type=int, default=None, help="timed runs per variant (default 5 GPU, 1 CPU)")
+    parser.add_argument("--variants", default=None, help="comma list of naive, chunked, triton, matmul")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: one CPU memory measurement
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
+
+    def make_inputs(n, h, v):
+        g = torch.Generator(device="cpu").manual_seed(0)
+        hidden = torch.randn(n, h, generator=g).to(device, dtype).requires_grad_()
+        weight = (torch.randn(v, h, generator=g) / h**0.5).to(device, dtype).requires_grad_()
+        targets = torch.randint(0, v, (n,), generator=g).to(device)
+        return hidden, weight, targets
+
+    def run(variant, hidden, weight, targets, backward):
+        hidden.grad = weight.grad = None
+        with torch.set_grad_enabled(backward):
+            if variant == "matmul":
+                out = hidden @ weight.T  # [N, V] in the input dtype
+                if backward:
+                    out.backward(torch.ones_like(out))
+                return
+            if variant == "naive":
+                logp, _ = naive_logprob_entropy(hidden, weight, targets, args.temperature)
+            else:
+                backend = "torch" if variant == "chunked" else "triton"
+                logp, _ = logprob_entropy(hidden, weight, targets, args.temperature, backend=backend)
+            if backward:
+                logp.sum().backward()
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize(device)
+
+    def rss_kb(field):
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+        raise RuntimeError(f"{field} missing from /proc/self/status")
+
+    if args.worker:  # fresh process: inputs, then one fwd+bwd under a reset high-water mark
+        variant, n, h, v = args.worker.split(",")
+        hidden, weight, targets = make_inputs(int(n), int(h), int(v))
+        before = rss_kb("VmRSS")
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current resident set
+        run(variant, hidden, weight, targets, backward=True)
+        print(json.dumps({"peak_mb": (rss_kb("VmHWM") - before) / 1024}))
+        return None
+
+    names = (args.shapes or ",".join(list(shapes) if cuda else list(shapes)[:2])).split(",")
+    for name in names:
+        if name not in shapes:
+            raise SystemExit(f"unknown shape {name!r}; choose from {', '.join(shapes)}")
+    variants = (args.variants or "naive,chunked,triton,matmul").split(",")
+    if "triton" in variants and not (cuda and triton_available()):
+        variants.remove("triton")  # the interpreter is for tests, not for timing
+    repeats = args.repeats or (5 if cuda else 1)
+    rows = []
+    for name in names:
+        n, h, v = shapes[name]
+        n = args.tokens or n
+        hidden, weight, targets = make_inputs(n, h, v)
+        times = {(var, bwd): [] for var in variants for bwd in (False, True)}
+        peaks = {}
+        if cuda:  # warm-up (Triton compiles and tunes on first use) and memory, one variant at a time
+            for var in variants:
+                run(var, hidden, weight, targets, backward=True)
+                run(var, hidden, weight, targets, backward=False)
+                hidden.grad = weight.grad = None
+                sync()
+                torch.cuda.reset_peak_memory_stats(device)
+                base = torch.cuda.memory_allocated(device)
+                run(var, hidden, weight, targets, backward=True)
+                sync()
+                peaks[var] = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+                hidden.grad = weight.grad = None
+        else:
+            for var in variants:
+                print(f"[bench] {name} {var}: peak memory in a subprocess", file=sys.stderr, flush=True)
+                proc = subprocess.run([sys.executable, "-m", "eval.bench", "kernels", "--worker", f"{var},{n},{h},{v}",
+                                       "--device", "cpu", "--temperature", str(args.temperature)],
+                                      capture_output=True, text=True, env=dict(os.environ))
+                if proc.returncode != 0:
+                    raise SystemExit(f"memory worker for {var} failed:\n{proc.stderr[-2000:]}")
+                peaks[var] = json.loads(proc.stdout.strip().splitlines()[-1])["peak_mb"]
+        for rep in range(repeats):
+            for var in variants:
+                for bwd in (False, True):
+                    print(f"[bench] {name} {var} {'fwd+bwd' if bwd else 'fwd'} run {rep + 1}/{repeats}",
+                          file=sys.stderr, flush=True)
+                    sync()
+                    t0 = time.perf_counter()
+                    run(var, hidden, weight, targets, backward=bwd)
+                    sync()
+                    times[(var, bwd)].append(time.perf_counter() - t0)
+        for var in variants:
+            rows.append({"shape": name, "N": n, "H": h, "V": v, "variant": var,
+                         "fwd_ms": 1e3 * statistics.median(times[(var, False)]),
+                         "fwd_bwd_ms": 1e3 * statistics.median(times[(var, True)]), "peak_mb": peaks[var]})
+        del hidden, weight, targets
+        if cuda:
+            torch.cuda.empty_cache()
+
+    # the issue's targets, as ratios (memory: naive / variant; time: variant / reference)
+    for r in rows:
+        same = {x["variant"]: x for x in rows if x["shape"] == r["shape"]}
+        if r["variant"] in ("chunked", "triton") and "naive" in same:
+            r["mem_saving_x"] = same["naive"]["peak_mb"] / max(r["peak_mb"], 1e-9)
+            r["fwd_bwd_vs_naive"] = r["fwd_bwd_ms"] / same["naive"]["fwd_bwd_ms"]
+        if r["variant"] in ("chunked", "triton") and "matmul" in same:
+            r["fwd_bwd_vs_matmul"] = r["fwd_bwd_ms"] / same["matmul"]["fwd_bwd_ms"]
+    print(f"device {device}, dtype {str(dtype).replace('torch.', '')}, temperature {args.temperature}, "
+          f"median of {repeats}")
+    print_table(rows, ["shape", "N", "H", "V", "variant", "fwd_ms", "fwd_bwd_ms", "peak_mb", "mem_saving_x",
+                       "fwd_bwd_vs_naive", "fwd_bwd_vs_matmul"])
+    return {"device": str(device), "dtype": str(dtype).replace("torch.", ""), "temperature": args.temperature,
+            "repeats": repeats, "results": rows}
 
 
 def bench_sampler(argv):
