@@ -146,7 +146,8 @@ class _ChunkedLogprobEntropy(torch.autograd.Function):
                 v1 = min(v0 + cols, V)
                 z = h32 @ weight[v0:v1].float().T  # [R, C] fp32
                 in_tile = (tgt >= v0) & (tgt < v1)
-                z_target += torch.where(in_tile, z.gather(1, (tgt - v0).clamp(0, v1 - v0 - 1)[:, None]).squeeze(1), 0.0)
+                local = (tgt - v0).clamp(0, v1 - v0 - 1)[:, None]
+                z_target += torch.where(in_tile, z.gather(1, local).squeeze(1), 0.0)
                 m_tile = z.amax(1)
                 if m is None:  # first tile: nothing to rescale
                     m, s, t = m_tile, torch.zeros_like(m_tile), torch.zeros_like(m_tile)
@@ -173,8 +174,9 @@ class _ChunkedLogprobEntropy(torch.autograd.Function):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         N, V = hidden.shape[0], weight.shape[0]
         rows, cols, inv_t = ctx.rows, ctx.cols, 1.0 / ctx.temperature
-        # d logp_i / d logits_i = (onehot_i - p_i) / T. The per-row factor gs_i = grad_i / T is folded into the
-        # [R, H] operands, and the onehot part is a row gather / scatter, so the [R, C] tile only needs exp().
+        # d logp_i / d logits_i = (onehot_i - p_i) / T, p_i = exp(z_i - max_i) / s_i. The per-row factors gs_i =
+        # grad_i / T and 1 / s_i are folded into the [R, H] operands and results, and the onehot part is a row
+        # gather / scatter, so the [R, C] tile only needs exp(z - max).
         grad_scale = grad_logp.float() * inv_t  # [N]
         grad_h = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
@@ -182,19 +184,20 @@ class _ChunkedLogprobEntropy(torch.autograd.Function):
             r1 = min(r0 + rows, N)
             h32 = hidden[r0:r1].float()  # [R, H]
             gs = grad_scale[r0:r1, None]  # [R, 1]
-            neg_gs_h = h32 * -gs  # [R, H]
-            p_w = torch.zeros_like(h32) if need_h else None  # sum over tiles of p @ W_tile
+            inv_s = torch.exp(-log_sum[r0:r1, None])  # [R, 1]
+            neg_gs_h = h32 * (-gs * inv_s)  # [R, H]
+            h_scaled = h32 * inv_t  # the forward's exact operand, so z is recomputed bit for bit
+            e_w = torch.zeros_like(h32) if need_h else None  # sum over tiles of exp(z - max) @ W_tile
             for v0 in range(0, V, cols):
                 v1 = min(v0 + cols, V)
                 w32 = weight[v0:v1].float()  # [C, H]
-                z = torch.mm(h32 * inv_t, w32.T)  # [R, C]
-                p = z.sub_(row_max[r0:r1, None]).sub_(log_sum[r0:r1, None]).exp_()  # softmax tile
+                e = torch.mm(h_scaled, w32.T).sub_(row_max[r0:r1, None]).exp_()  # [R, C] = s * softmax
                 if need_h:
-                    p_w.addmm_(p, w32)
+                    e_w.addmm_(e, w32)
                 if need_w:
-                    grad_w[v0:v1].addmm_(p.T, neg_gs_h)
+                    grad_w[v0:v1].addmm_(e.T, neg_gs_h)
             if need_h:
-                grad_h[r0:r1] = gs * (weight[targets[r0:r1]].float() - p_w)
+                grad_h[r0:r1] = gs * (weight[targets[r0:r1]].float() - e_w * inv_s)
             if need_w:
                 grad_w.index_add_(0, targets[r0:r1], h32 * gs)
         return (grad_h.to(hidden.dtype) if need_h else None, grad_w.to(weight.dtype) if need_w else None,

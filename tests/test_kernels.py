@@ -71,7 +71,8 @@ def check_against_reference(dtype, temperature, kind, device="cpu", shape=(N, H,
     torch.testing.assert_close(logp.double(), ref_logp, rtol=0, atol=atol)
     torch.testing.assert_close(entropy.double(), ref_entropy, rtol=0, atol=atol)
     assert hidden.grad.dtype == dtype and weight.grad.dtype == dtype
-    for name, got, want, scale in (("hidden", hidden.grad, ref_gh, scales[0]), ("weight", weight.grad, ref_gw, scales[1])):
+    checks = (("hidden", hidden.grad, ref_gh, scales[0]), ("weight", weight.grad, ref_gw, scales[1]))
+    for name, got, want, scale in checks:
         if dtype == torch.float32:
             # relative to the largest entry; softmax of fp32 logits of magnitude zmax is off by ~eps * zmax
             err, tol = (got.double() - want).abs().max() / want.abs().max(), 1e-4 + 2e-7 * zmax
