@@ -202,25 +202,61 @@ def score_text(text, item: dict) -> tuple[bool, str]:
     return check_calls(calls, item["ground_truth"] or [], item["function"], item["category"])
 
 
+ROUND_TOKENS = 64  # with stop_at_answer: tokens per decoding round, between checks for a closed <answer> block
+
+
+def answer_end(text: str) -> int | None:
+    """End of the first <answer>...</answer> block in text, or None (BFCL decoding reads only that block)."""
+    start = text.find("<answer>")
+    stop = text.find("</answer>", start + len("<answer>")) if start >= 0 else -1
+    return stop + len("</answer>") if stop >= 0 else None
+
+
 @torch.no_grad()
 def generate_texts(model, tokenizer, prompts: list[str], max_new_tokens: int = 256, batch_size: int = 16,
-                   greedy: bool = True, temperature: float = 0.7, seed: int = 0, bar=None) -> list[str]:
-    """Completions for rendered prompts, in prompt order. Prompts are sorted by token length and cut into batches
-    of `batch_size`, so each batch pads little; the sampler may split a batch further to stay in its token
-    budget. Greedy by default; with greedy=False each batch is sampled with seed + its index."""
-    from rl.sampler import sample
+                   greedy: bool = True, temperature: float = 0.7, seed: int = 0, stop_at_answer: bool = False,
+                   prefill: str = "", bar=None) -> list[str]:
+    """Completions for rendered prompts, in prompt order, with the project's sampler.
 
-    ids = [tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    texts = [""] * len(ids)
-    for b, start in enumerate(range(0, len(order), max(1, batch_size))):
-        chunk = order[start: start + max(1, batch_size)]
-        out = sample(model, tokenizer, [ids[i] for i in chunk], group_size=1, max_new_tokens=max_new_tokens,
-                     temperature=temperature, seed=seed + b, greedy=greedy)
-        for i, text in zip(chunk, out.texts):
-            texts[i] = text
-        if bar is not None:
-            bar.update(len(chunk))
+    Prompts are sorted by token length and cut into batches of `batch_size` (the sampler may split a batch further
+    to stay in its token budget). Greedy by default; sampled batches use seed + a call counter.
+    stop_at_answer: decode in rounds of ROUND_TOKENS and drop a row from later rounds once prefill + its text
+    holds a closed <answer> block (the text is cut there). Rows left then continue from their prompt plus what
+    they generated so far. A batch otherwise decodes until its longest row ends, and small models often ramble on
+    after </answer>: this is what keeps a CPU evaluation within minutes. BFCL scoring reads only the first
+    <answer> block, so its verdicts are unchanged (greedy); the strict format check then sees no trailing text."""
+    from rl.sampler import eos_token_ids, sample
+
+    eos = set(eos_token_ids(model, tokenizer))
+    prompt_ids = [tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
+    new_ids = [[] for _ in prompts]  # generated so far, per prompt
+    open_rows = list(range(len(prompts)))
+    round_tokens = ROUND_TOKENS if stop_at_answer else max_new_tokens
+    calls = 0
+    while open_rows:
+        # every open row has generated the same number of tokens (rows that stop early leave)
+        budget = min(round_tokens, max_new_tokens - len(new_ids[open_rows[0]]))
+        order = sorted(open_rows, key=lambda i: len(prompt_ids[i]) + len(new_ids[i]))
+        still_open = []
+        for start in range(0, len(order), max(1, batch_size)):
+            chunk = order[start: start + max(1, batch_size)]
+            out = sample(model, tokenizer, [prompt_ids[i] + new_ids[i] for i in chunk], group_size=1,
+                         max_new_tokens=budget, temperature=temperature, seed=seed + calls, greedy=greedy)
+            calls += 1
+            for i, ids, truncated in zip(chunk, out.completion_ids, out.truncated):
+                new_ids[i] += ids
+                done = not truncated or len(new_ids[i]) >= max_new_tokens or (
+                    stop_at_answer and answer_end(prefill + tokenizer.decode(new_ids[i], skip_special_tokens=False)) is not None)
+                if done and bar is not None:
+                    bar.update(1)
+                if not done:
+                    still_open.append(i)
+        open_rows = still_open
+    texts = []
+    for ids in new_ids:
+        text = tokenizer.decode(ids[:-1] if ids and ids[-1] in eos else ids, skip_special_tokens=False)
+        end = answer_end(prefill + text) if stop_at_answer else None
+        texts.append((prefill + text)[len(prefill):end] if end is not None and end > len(prefill) else text)
     return texts
 
 
@@ -259,13 +295,15 @@ def evaluate_bfcl(model, tokenizer, categories: list[str], limit: int, rank: int
                   max_new_tokens: int = 256, batch_size: int = 16, data_dir: str | None = None) -> dict:
     """Greedy BFCL accuracy per category on the fixed subset select_subset(items, limit) (seed 0: the same items on
     every call and as `run --limit`), scored like `run` (BFCL decoding of prefill + completion). Items are
-    sharded items[rank::world]; [correct, total] counts are summed with all_reduce. -> {category: accuracy}."""
+    sharded items[rank::world]; [correct, total] counts are summed with all_reduce. -> {category: accuracy}.
+    In the think format generation stops after the first </answer> (see generate_texts): same verdicts, faster."""
     categories = parse_categories(categories)
     items = []
     for category in categories:
         items += select_subset(load_category(category, data_dir), limit)[rank::world]
     prompts = [item_prompt(tokenizer, it, answer_format, tools_as, prefill) for it in items]
-    texts = generate_texts(model, tokenizer, prompts, max_new_tokens, batch_size) if items else []
+    texts = generate_texts(model, tokenizer, prompts, max_new_tokens, batch_size, stop_at_answer=answer_format == "think",
+                           prefill=prefill) if items else []
     counts = torch.zeros(len(categories), 2, dtype=torch.float64)  # [C, (correct, total)]
     for item, text in zip(items, texts):
         c = categories.index(item["category"])
@@ -299,6 +337,8 @@ How the summary columns are computed (the rules of the BFCL leaderboard's aggreg
 - Items are scored with BFCL's decoding: the <answer> content when present, else the whole text, parsed as a
   Python call list; irrelevance is right when no call decodes, relevance when at least one does. "strict" is the
   training reward on the same text: the answer format must also be right (e.g. <think>..</think><answer>..).
+  With the think format, generation stops after the first </answer> unless --no-stop-at-answer (BFCL's
+  verdict is the same either way; strict then does not see what the model would have added after it).
 """
 
 
@@ -459,7 +499,8 @@ def cmd_run(args) -> dict:
     selected = {c: select_subset(load_category(c, data_dir), args.limit) for c in categories}
     model_dir = _model_dir(args.model)
     settings = resolve_settings(args, model_dir)
-    settings.update(max_new_tokens=args.max_new_tokens, limit=args.limit, batch_size=args.batch_size,
+    settings.update(stop_at_answer=settings["answer_format"] == "think" and not args.no_stop_at_answer,
+                    max_new_tokens=args.max_new_tokens, limit=args.limit, batch_size=args.batch_size,
                     decoding=f"sampled (temperature {args.temperature}, seed {args.seed})" if args.sample else "greedy")
     out_dir = args.out or _default_out_dir(args.model)
     os.makedirs(out_dir, exist_ok=True)
@@ -480,7 +521,8 @@ def cmd_run(args) -> dict:
         prompts = [item_prompt(tokenizer, it, settings["answer_format"], settings["tools_as"], settings["prefill"])
                    for it in items]
         texts = generate_texts(model, tokenizer, prompts, args.max_new_tokens, args.batch_size,
-                               greedy=not args.sample, temperature=args.temperature, seed=args.seed, bar=bar)
+                               greedy=not args.sample, temperature=args.temperature, seed=args.seed,
+                               stop_at_answer=settings["stop_at_answer"], prefill=settings["prefill"], bar=bar)
         seconds = time.time() - t0
         generate_s += seconds
         per_category_timing[category] = {"seconds": seconds, "items_per_s": len(items) / max(seconds, 1e-9)}
@@ -584,6 +626,8 @@ def main(argv=None):
     p.add_argument("--prefill", default=None, help="text opening the assistant turn (default: run_config.json, "
                    "else '<think>' with --answer-format think and '' with plain)")
     p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--no-stop-at-answer", action="store_true", help="think format: keep generating after the first "
+                   "</answer> until EOS (slower; only the strict format column can change)")
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, default=0.7, help="with --sample")
     p.add_argument("--seed", type=int, default=0, help="with --sample")

@@ -9,7 +9,7 @@ import torch
 
 import eval.bfcl as bfcl
 import rl.sampler
-from data.calls import format_calls
+from data.calls import format_calls, render_prompt
 from eval.bfcl import (BFCLDataError, evaluate_bfcl, evaluate_records, find_data_dir, main, select_subset,
                        summarize)
 from rl.sampler import Rollouts
@@ -65,16 +65,25 @@ def _right_text(item: dict) -> str:
 
 
 def _fake_sample(answer_for):
-    """A stand-in for rl.sampler.sample: answer_for(prompt text) -> completion text (what follows the prompt)."""
+    """A stand-in for rl.sampler.sample: answer_for(prompt text) -> the completion the "model" writes for it.
+    Like the real sampler it returns at most max_new_tokens ids, ending with EOS when the text is done, and picks up
+    where a continued prompt (prompt + part of the completion) left off."""
     seen = []
 
-    def sample(model, tokenizer, prompt_ids, **kwargs):
-        prompts = [tokenizer.decode(p) for p in prompt_ids]
-        seen.extend(prompts)
-        texts = [answer_for(p) for p in prompts]
-        n = len(texts)
-        return Rollouts(prompt_index=list(range(n)), completion_ids=[[0]] * n, response_mask=torch.ones(n, 1),
-                        truncated=[False] * n, sampler_logp=None, texts=texts)
+    def sample(model, tokenizer, prompt_ids, max_new_tokens=256, **kwargs):
+        completions, truncated = [], []
+        for ids in prompt_ids:
+            prompt = tokenizer.decode(ids)
+            seen.append(prompt)
+            full = answer_for(prompt)
+            done = max(k for k in range(len(full) + 1) if prompt.endswith(full[:k]))  # already written
+            rest = tokenizer(full[done:], add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+            completions.append(rest[:max_new_tokens])
+            truncated.append(len(rest) > max_new_tokens)
+        n = len(completions)
+        texts = [tokenizer.decode(c[:-1] if not t else c) for c, t in zip(completions, truncated)]
+        return Rollouts(prompt_index=list(range(n)), completion_ids=completions, response_mask=torch.ones(n, 1),
+                        truncated=truncated, sampler_logp=None, texts=texts)
     sample.seen = seen
     return sample
 
@@ -83,7 +92,7 @@ def _answers_by_question(items, prefill="<think>"):
     def answer_for(prompt):
         for it in items:
             if it["question"][-1]["content"] in prompt:
-                assert prompt.endswith(prefill)
+                assert "assistant\n" + prefill in prompt
                 return _right_text(it)[len(prefill):]
         raise AssertionError("prompt of an unknown item")
     return answer_for
@@ -261,3 +270,26 @@ def test_evaluate_records_and_bfcl(tiny_model, tiny_tokenizer, data_dir, monkeyp
     monkeypatch.setattr(rl.sampler, "sample", _fake_sample(lambda p: "<<garbage"))
     acc = evaluate_bfcl(tiny_model, tiny_tokenizer, cats, limit=2, prefill="<think>", data_dir=data_dir)
     assert acc == {"simple_python": 0.0, "live_relevance": 0.0, "irrelevance": 1.0}
+
+
+def test_generate_texts_rounds(tiny_model, tiny_tokenizer, monkeypatch):
+    prompts = [render_prompt(tiny_tokenizer, q, [], tools_as="python", prefill="<think>")
+               for q in ("Weather?", "A longer question about the weather in Oslo?", "Hi")]
+    one_pass = bfcl.generate_texts(tiny_model, tiny_tokenizer, prompts, max_new_tokens=5, batch_size=3)
+    # greedy in rounds of 2 tokens, each continuing from prompt + text so far: the same text as one pass
+    monkeypatch.setattr(bfcl, "ROUND_TOKENS", 2)
+    rounds = bfcl.generate_texts(tiny_model, tiny_tokenizer, prompts, max_new_tokens=5, batch_size=3,
+                                 stop_at_answer=True, prefill="<think>")
+    assert rounds == one_pass and all(len(tiny_tokenizer(t).input_ids) == 5 for t in rounds)
+    # a row that closes its <answer> stops (cut after it); the others run to max_new_tokens
+    monkeypatch.setattr(bfcl, "ROUND_TOKENS", 8)
+    writes = {"Weather?": "x</think><answer>[f(a=1)]</answer> and then it goes on and on and on",
+              "Hi": "</answer> is not an answer block <answer>[g()]</answer>tail"}
+    fake = _fake_sample(lambda p: next((v for k, v in writes.items() if k in p), "ramble " * 20))
+    monkeypatch.setattr(rl.sampler, "sample", fake)
+    texts = bfcl.generate_texts(tiny_model, tiny_tokenizer, prompts, max_new_tokens=60, batch_size=3,
+                                stop_at_answer=True, prefill="<think>")
+    assert texts[0] == "x</think><answer>[f(a=1)]</answer>"
+    assert texts[2] == "</answer> is not an answer block <answer>[g()]</answer>"
+    assert texts[1] == ("ramble " * 20)[:60]
+    assert sum("Weather?" in p for p in fake.seen) == 5  # 34 bytes up to the end of </answer>: 5 rounds of 8
