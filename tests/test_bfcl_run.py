@@ -162,6 +162,9 @@ def test_run_end_to_end_tiny_model(tiny_dir, data_dir, tmp_path, capsys):
     assert on_disk["timing"]["items_per_s"] > 0
     md = open(os.path.join(out, "report.md")).read()
     assert "Non-Live AST" in md and "| simple_python | 2 |" in md and "weighted by each category's" in md
+    # `report` rebuilds the same report from the result files, keeping the timings
+    again = main(["report", out, "--data-dir", data_dir])
+    assert again["categories"] == on_disk["categories"] and again["timing"] == on_disk["timing"]
 
 
 def test_run_scores_right_and_wrong_answers(tiny_dir, data_dir, tmp_path, monkeypatch):
