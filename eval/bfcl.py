@@ -596,7 +596,6 @@ def cmd_compare(args) -> dict:
     text = compare_markdown(header, table)
     out = args.out or os.path.join(os.path.dirname(os.path.normpath(args.dirs[0])) or ".", "compare.png")
     from eval.plot import bar_chart
-    n = len(labels)
     png = bar_chart([row[0] for row in table], {label: [100 * (row[1 + i] or 0.0) for row in table]
                                                 for i, label in enumerate(labels)},
                     out, title="BFCL accuracy", ylabel="accuracy (%)")
@@ -604,7 +603,7 @@ def cmd_compare(args) -> dict:
         f.write(text)
     print(text)
     print(f"[bfcl] bar chart: {png}")
-    return {"header": header, "table": table, "png": str(png), "markdown": text, "n": n}
+    return {"header": header, "table": table, "png": str(png), "markdown": text}
 
 
 def main(argv=None):
