@@ -87,7 +87,7 @@ class Config:
     share_prompt_kv: bool = True  # score a group's prompt once and reuse its KV cache for the G completions
     # --- evaluation, logging, checkpoints ---
     eval_every: int = 0  # evaluate every N RL steps (0 = only before and after training)
-    eval_limit: int = 60  # held-out records per evaluation (greedy)
+    eval_limit: int = 60  # held-out records per evaluation (greedy; 0 = no evaluation)
     eval_bfcl: str = ""  # comma-separated BFCL categories to evaluate as well (e.g. simple_python,multiple)
     eval_bfcl_limit: int = 20  # items per BFCL category (a fixed seeded subset)
     sample_every: int = 5  # write the step's completions to samples.jsonl every N steps
@@ -207,6 +207,8 @@ def main(argv=None):
         """Greedy accuracy on the held-out records (+ BFCL subsets if asked), all ranks share the work."""
         from eval.bfcl import evaluate_records  # eval uses the same sampler, template and checker
 
+        if not val_records and not cfg.eval_bfcl:
+            return {}
         model.eval()
         shard = val_records[rank::world]
         with full_params():
@@ -312,14 +314,17 @@ def main(argv=None):
                 cursor["epoch"], cursor["pos"] = cursor["epoch"] + 1, 0
         return out
 
-    def rollout(records, round_idx, step):
+    def rollout(records, global_index, round_idx, step):
         """Sample G completions per record and score them. Returns a dict of per-completion lists."""
         prompts = [prompt_ids(r) for r in records]
+        # one seed per completion from (seed, step, round, global prompt index, g): the rollouts do not depend
+        # on how prompts are sharded over ranks or batched, so 1 and N processes sample the same batch
+        row_seeds = [rank_seed(cfg.seed, step * 16 + round_idx, k * cfg.group_size + g)
+                     for k in global_index for g in range(cfg.group_size)]
         with full_params():
             out = sample(policy, tokenizer, prompts, group_size=cfg.group_size, max_new_tokens=cfg.max_new_tokens,
                          temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-                         seed=rank_seed(cfg.seed, step * 16 + round_idx, rank), token_budget=cfg.sampler_token_budget,
-                         return_logprobs=True)
+                         row_seeds=row_seeds, token_budget=cfg.sampler_token_budget, return_logprobs=True)
         rewards, reasons = [], []
         for text, p in zip(out.texts, out.prompt_index):
             r, why = compute_reward(cfg.prefill + text, records[p], answer_format=cfg.answer_format,
@@ -340,8 +345,9 @@ def main(argv=None):
         # 1) rollouts: every rank samples its shard of the step's prompts
         batch = None
         for round_idx in range(1 + (cfg.max_refill_rounds if cfg.dynamic_sampling else 0)):
+            global_index = list(range(rank, cfg.prompts_per_step, world))
             step_records = next_prompts(cfg.prompts_per_step)[rank::world]
-            new = rollout(step_records, round_idx, step)
+            new = rollout(step_records, global_index, round_idx, step)
             if cfg.dynamic_sampling:  # keep only groups with signal, on the binary success
                 success = torch.tensor([float(r >= 1.0) for r in new["rewards"]])
                 keep = ~zero_variance_groups(success, G)
@@ -443,30 +449,41 @@ def main(argv=None):
         scheduler.step()
         t_update = time.time() - t2
 
-        # 4) metrics (global over ranks)
+        # 4) metrics (global over ranks: the loss is a sum of per-rank shares, the rest are averaged)
         n = max(n_updates, 1)
-        reward_sum = all_reduce(torch.tensor([rewards.sum().item(), float(S)]))
-        reasons = {}
-        for why in batch["reasons"]:
-            code = why.split(":")[0] if why else "correct"
+        keys = [k for k in stats if k != "logp_gap_max"]
+        summed = all_reduce(torch.tensor([stats[k] for k in keys], dtype=torch.float64))
+        stats.update({k: v.item() / (1 if k == "loss" else world) for k, v in zip(keys, summed)})
+        stats["logp_gap_max"] = all_reduce(torch.tensor(stats["logp_gap_max"]), dist.ReduceOp.MAX).item()
+        # per-completion facts from every rank (small: a few numbers and strings per completion)
+        local = [(rec.get("category", "unknown"), r, why.split(":")[0] if why else "correct", length, cut)
+                 for rec, r, why, length, cut in zip(batch["records"], batch["rewards"], batch["reasons"], lengths,
+                                                     batch["truncated"])]
+        shards = [local]
+        if distributed:
+            shards = [None] * world
+            dist.all_gather_object(shards, local)
+        facts = [f for shard in shards for f in shard]
+        total = max(len(facts), 1)
+        reasons, by_cat = {}, {}
+        for cat, r, code, _, _ in facts:
             reasons[code] = reasons.get(code, 0) + 1
-        by_cat = {}
-        for rec, r in zip(batch["records"], batch["rewards"]):
-            c = by_cat.setdefault(rec.get("category", "unknown"), [0, 0])
+            c = by_cat.setdefault(cat, [0, 0])
             c[0] += r >= 1.0
             c[1] += 1
         success = torch.tensor([float(r >= 1.0) for r in batch["rewards"]])
-        zero_var = zero_variance_groups(success, G).float().mean().item() if S else 1.0
+        zero_var = all_reduce(torch.tensor([zero_variance_groups(success, G).float().sum().item(), S / G]))
         elapsed = time.time() - t0
-        row = {"phase": "rl", "step": step + 1, "reward": (reward_sum[0] / reward_sum[1].clamp(min=1)).item(),
-               "accuracy": success.mean().item() if S else 0.0,
+        row = {"phase": "rl", "step": step + 1, "reward": sum(f[1] for f in facts) / total,
+               "accuracy": sum(f[1] >= 1.0 for f in facts) / total,
                **{f"acc/{k}": v[0] / v[1] for k, v in by_cat.items()},
-               **{f"reason/{k}": v / max(S, 1) for k, v in reasons.items()},
-               "format_error_rate": sum(v for k, v in reasons.items() if k.startswith("format")) / max(S, 1),
+               **{f"reason/{k}": v / total for k, v in reasons.items()},
+               "format_error_rate": sum(v for k, v in reasons.items() if k.startswith("format")) / total,
                **{k: v / n if k != "logp_gap_max" else v for k, v in stats.items()},
                "adv_mean": advantages.mean().item() if S else 0.0, "adv_std": advantages.std().item() if S > 1 else 0.0,
-               "zero_var_frac": zero_var, "resp_len_mean": sum(lengths) / max(S, 1), "resp_len_max": T,
-               "truncated_frac": sum(batch["truncated"]) / max(S, 1), "lr": optimizer.param_groups[0]["lr"],
+               "zero_var_frac": (zero_var[0] / zero_var[1].clamp(min=1)).item(),
+               "resp_len_mean": sum(f[3] for f in facts) / total, "resp_len_max": max(f[3] for f in facts),
+               "truncated_frac": sum(f[4] for f in facts) / total, "lr": optimizer.param_groups[0]["lr"],
                "skipped_updates": skipped_updates, "time_sample": t_sample, "time_score": t_score,
                "time_update": t_update, "time_step": elapsed, "tokens_per_s": n_tokens_global / elapsed,
                "peak_mem_gb": peak_memory_gb(device)}

@@ -164,6 +164,24 @@ class ChosenTokenLogp(LogitsProcessor):
         return torch.stack(self.steps[:T], dim=1).float()
 
 
+class RowSeededChoice(LogitsProcessor):
+    """Draws each row's next token with that row's own generator (Gumbel-max on the final scores, which is exact
+    sampling from softmax(scores)) and hands generate() a one-hot distribution, so its own multinomial can only
+    pick that token. A completion's randomness then depends on its seed alone, not on which other rows share
+    its batch: rollouts are the same whatever the micro-batching, the prompt order or the number of ranks."""
+
+    def __init__(self, row_seeds: list[int], device):
+        self.generators = [torch.Generator(device=device).manual_seed(int(s)) for s in row_seeds]
+
+    def __call__(self, input_ids, scores):  # scores [B, V] final (post-warper); a new tensor: the recorder keeps them
+        gumbel = torch.stack([-torch.empty(scores.shape[1], device=scores.device).exponential_(generator=g).log()
+                              for g in self.generators])  # [B, V]
+        choice = (scores.float() + gumbel).argmax(dim=-1)
+        out = torch.full_like(scores, -math.inf)
+        out.scatter_(1, choice[:, None], 0.0)
+        return out
+
+
 def _processors(vocab_size: int, temperature: float, top_k: int, top_p: float, greedy: bool, record: bool):
     """Our own processor list, in a fixed order: vocab mask, temperature, top-k, top-p, then the recorder.
 
@@ -318,7 +336,7 @@ def sample(model, tokenizer, prompt_ids: list[list[int]], group_size: int = 8, m
            temperature: float = 0.7, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
            token_budget: int = DEFAULT_TOKEN_BUDGET, return_logprobs: bool = False, greedy: bool = False,
            prefill_once: bool = True, static_cache: bool = False, min_new_tokens: int = 0,
-           progress: bool = False) -> Rollouts:
+           progress: bool = False, row_seeds: list[int] | None = None) -> Rollouts:
     """Sample `group_size` completions for each prompt (token ids, chat template already applied).
 
     greedy=True is for evaluation: one completion per prompt (group_size is ignored), argmax decoding.
@@ -327,6 +345,9 @@ def sample(model, tokenizer, prompt_ids: list[list[int]], group_size: int = 8, m
     static_cache: static KV cache with torch.compile of the decode step (useful on CUDA only; the first calls
         compile). It expands the prompts before prefill, so prefill_once does not apply there.
     min_new_tokens: forbids EOS before that many tokens (benchmarks only: it changes the distribution).
+    row_seeds: one seed per completion (len(prompt_ids) * group_size, grouped per prompt): each completion is
+        drawn with its own generator, so it does not depend on batching or sharding (the trainer derives them
+        from the global prompt index, which makes 1 and N ranks sample the same rollouts). `seed` is then unused.
     """
     if not prompt_ids:
         raise ValueError("sample() got no prompts")
@@ -334,6 +355,9 @@ def sample(model, tokenizer, prompt_ids: list[list[int]], group_size: int = 8, m
         group_size = 1
     if group_size < 1 or max_new_tokens < 1:
         raise ValueError(f"group_size ({group_size}) and max_new_tokens ({max_new_tokens}) must be >= 1")
+    if row_seeds is not None and len(row_seeds) != len(prompt_ids) * group_size:
+        raise ValueError(f"row_seeds needs one seed per completion ({len(prompt_ids) * group_size}), "
+                         f"got {len(row_seeds)}")
     if not greedy and temperature <= 0:
         raise ValueError(f"temperature must be > 0 for sampling (got {temperature}); use greedy=True for argmax")
     temperature = temperature if temperature > 0 else 1.0
@@ -357,6 +381,9 @@ def sample(model, tokenizer, prompt_ids: list[list[int]], group_size: int = 8, m
             torch.manual_seed(seed)
             for batch in tqdm(batches, desc="sampling", disable=not progress, leave=False):
                 procs, recorder = _processors(vocab, temperature, top_k, top_p, greedy, return_logprobs)
+                if row_seeds is not None and not greedy:
+                    procs.append(RowSeededChoice([row_seeds[i * group_size + g] for i in batch
+                                                  for g in range(group_size)], model.device))
                 new_tokens, logp = _generate_batch(model, [prompt_ids[i] for i in batch], group_size, gen_config,
                                                    procs, recorder, pad_id, prefill_once and not static_cache,
                                                    length_multiple)
