@@ -52,18 +52,18 @@ class Config:
     tools_as: Literal["json", "python"] = "python"  # tools in the system prompt as BFCL JSON or Python signatures
     prefill: str = "<think>"  # text that opens the assistant turn (part of the prompt; never scored)
     # --- supervised warm-up (cold start for small models) ---
-    sft_steps: int = 40  # steps of supervised training on reference answers before RL (0 = pure RL)
+    sft_steps: int = 5  # steps of supervised training on reference answers before RL (0 = pure RL)
     sft_batch_size: int = 8  # records per warm-up step
     sft_lr: float = 1e-4  # warm-up learning rate
     # --- GRPO ---
-    steps: int = 30  # RL steps (one rollout batch each)
+    steps: int = 20  # RL steps (one rollout batch each)
     prompts_per_step: int = 2  # prompts per step over all ranks
     group_size: int = 8  # completions per prompt (G)
     max_new_tokens: int = 96  # completion length cap
     temperature: float = 0.7  # rollout temperature (the trainer scores at the same temperature)
     top_p: float = 1.0  # keep 1.0: the trainer scores the full distribution
     top_k: int = 0  # keep 0 for the same reason
-    lr: float = 1e-5  # RL learning rate (the paper: 1e-6 on 3B-7B models)
+    lr: float = 2e-5  # RL learning rate (the paper: 1e-6 on 3B-7B models)
     lr_schedule: Literal["constant", "cosine"] = "constant"  # after warmup
     warmup_steps: int = 0  # linear learning-rate warmup (RL steps)
     weight_decay: float = 0.0  # AdamW weight decay
@@ -87,7 +87,7 @@ class Config:
     share_prompt_kv: bool = True  # score a group's prompt once and reuse its KV cache for the G completions
     # --- evaluation, logging, checkpoints ---
     eval_every: int = 0  # evaluate every N RL steps (0 = only before and after training)
-    eval_limit: int = 60  # held-out records per evaluation (greedy; 0 = no evaluation)
+    eval_limit: int = 40  # held-out records per evaluation (greedy; 0 = no evaluation)
     eval_bfcl: str = ""  # comma-separated BFCL categories to evaluate as well (e.g. simple_python,multiple)
     eval_bfcl_limit: int = 20  # items per BFCL category (a fixed seeded subset)
     sample_every: int = 5  # write the step's completions to samples.jsonl every N steps
