@@ -231,3 +231,40 @@ def test_static_cache_compiled_on_cuda(tiny_tokenizer):
     dynamic = sample(model, tiny_tokenizer, prompts, greedy=True, max_new_tokens=16)
     static = sample(model, tiny_tokenizer, prompts, greedy=True, max_new_tokens=16, static_cache=True)
     assert static.completion_ids == dynamic.completion_ids
+
+
+def test_row_seeds_make_rollouts_independent_of_batching(tiny_model, tiny_tokenizer):
+    """Per-completion seeds: the same completion whatever else shares its batch (micro-batching, other prompts,
+    another rank's shard), and exact sampling from the temperature distribution."""
+    prompts = encode(tiny_tokenizer)
+    G = 3
+    seeds = list(range(1000, 1000 + len(prompts) * G))
+    whole = sample(tiny_model, tiny_tokenizer, prompts, group_size=G, max_new_tokens=10, row_seeds=seeds,
+                   return_logprobs=True)
+    for i in range(len(prompts)):  # each prompt alone, as a rank holding only that prompt would sample it
+        alone = sample(tiny_model, tiny_tokenizer, [prompts[i]], group_size=G, max_new_tokens=10,
+                       row_seeds=seeds[i * G:(i + 1) * G])
+        assert alone.completion_ids == whole.completion_ids[i * G:(i + 1) * G]
+    tight = sample(tiny_model, tiny_tokenizer, prompts[::-1], group_size=G, max_new_tokens=10, token_budget=1,
+                   row_seeds=[s for i in reversed(range(len(prompts))) for s in seeds[i * G:(i + 1) * G]])
+    assert tight.completion_ids == [c for i in reversed(range(len(prompts)))
+                                    for c in whole.completion_ids[i * G:(i + 1) * G]]
+    with pytest.raises(ValueError, match="one seed per completion"):
+        sample(tiny_model, tiny_tokenizer, prompts, group_size=G, row_seeds=seeds[:-1])
+
+
+def test_row_seeded_draws_follow_the_temperature_distribution(tiny_model, tiny_tokenizer):
+    """E[log p(x)] over x ~ p is -H(p): the mean log-prob of many one-token draws must match the entropy of the
+    sampling distribution (an argmax or a wrong temperature would not)."""
+    prompt = encode(tiny_tokenizer)[:1]
+    n = 1500
+    r = sample(tiny_model, tiny_tokenizer, prompt * 1, group_size=n, max_new_tokens=1, temperature=0.7,
+               row_seeds=list(range(n)), return_logprobs=True)
+    drawn = torch.stack([lp[0] for lp in r.sampler_logp]).double()
+    vocab = len(tiny_tokenizer)
+    with torch.no_grad():
+        logits = tiny_model(torch.tensor(prompt)).logits[0, -1, :vocab].double() / 0.7
+    logp = torch.log_softmax(logits, -1)
+    entropy = -(logp.exp() * logp).sum()
+    assert abs(drawn.mean() + entropy) < 4 * drawn.std() / n ** 0.5 + 1e-3, (drawn.mean(), entropy)
+    assert len(set(tuple(c) for c in r.completion_ids)) > 20  # really random across rows
