@@ -88,7 +88,8 @@ def parse_config(cls, argv: list[str] | None = None, prog: str = "train.py"):
         key, eq, inline = arg[2:].partition("=")
         name = key.replace("-", "_")
         if name not in hints:
-            close = difflib.get_close_matches(name, names, n=1, cutoff=0.5)
+            initials = "".join(word[:1] for word in name.split("_"))  # learning_rate -> lr
+            close = [initials] if initials in names else difflib.get_close_matches(name, names, n=1, cutoff=0.5)
             hint = f"; did you mean --{close[0].replace('_', '-')}?" if close else "; see --help for the options"
             raise ConfigError(f"unknown option --{key}{hint}")
         typ = hints[name]
