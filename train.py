@@ -96,8 +96,10 @@ class Config:
     resume: str = ""  # "auto" = continue from the newest complete checkpoint in out_dir, or a checkpoint path
 
     def validate(self) -> str:
-        if self.prompts_per_step <= 0 or self.group_size < 2:
-            return "prompts_per_step must be >= 1 and group_size >= 2 (GRPO compares completions within a group)"
+        if self.group_size < 2:
+            return "group_size must be >= 2 (GRPO compares completions within a group)"
+        if self.prompts_per_step <= 0:
+            return "prompts_per_step must be >= 1"
         if self.entropy_kappa < 1:
             return "entropy_kappa must be >= 1, or the bonus could flip the sign of a negative advantage"
         if self.temperature <= 0:
