@@ -3,6 +3,7 @@
     python -m eval.bench kernels   # log-prob/entropy head: naive vs chunked torch vs Triton
     python -m eval.bench sampler   # rollout tokens/s vs a naive generate loop
     python -m eval.bench step      # seconds per GRPO step and its split, peak memory
+    python -m eval.bench learn     # pure RL on one easy prompt: the reward curve
     python -m eval.bench checker   # reward/checker throughput
     python -m eval.bench data      # AST validation records/s
 """
@@ -186,11 +187,240 @@ def bench_kernels(argv):
 
 
 def bench_sampler(argv):
-    raise SystemExit("sampler benchmark: not implemented yet")
+    """Completion tokens/s of rl.sampler.sample against one generate() per completion (naive loop) and one plain
+    batched generate() with num_return_sequences=G. Every completion is forced to --new-tokens tokens
+    (min_new_tokens) so all methods do the same work. CPU: the embedded default model. GPU: a randomly initialised
+    Qwen2.5-shaped model (byte tokenizer), plus the static-cache + compiled sampler and the fraction of the
+    decode memory-bandwidth limit reached."""
+    import argparse
+    import json as _json
+
+    from rl.sampler import build_generation_config, pad_id_of, sample
+
+    ap = argparse.ArgumentParser(prog="python -m eval.bench sampler")
+    ap.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    ap.add_argument("--group-size", type=int, default=8)
+    ap.add_argument("--prompts", type=int, default=4)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--temperature", type=float, default=0.7)
+    ap.add_argument("--naive-completions", type=int, default=8,
+                    help="completions the naive loop times (its tokens/s does not depend on how many)")
+    ap.add_argument("--model", default="smollm2-135m", help="CPU model (--model of model.load)")
+    ap.add_argument("--shape", default="qwen2.5-0.5b", help="GPU model shape (model.tiny.QWEN25_SHAPES)")
+    ap.add_argument("--skip-naive", action="store_true")
+    args = ap.parse_args(argv)
+
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    if device.type == "cuda":
+        from model.tiny import byte_tokenizer, qwen_shaped_model
+        model, tok = qwen_shaped_model(args.shape, dtype=torch.bfloat16, device=device).eval(), byte_tokenizer()
+        model_name = f"random {args.shape} bf16"
+    else:
+        from model.load import load
+        model, tok = load(args.model, device="cpu")
+        model.eval()
+        model_name = args.model
+
+    # function-calling prompts of a few hundred tokens: a system turn listing tools as JSON, one user question
+    def tool(name, what, params):
+        return {"name": name, "description": f"{what}. Returns a JSON object with the result.",
+                "parameters": {"type": "object", "required": [params[0]], "properties": {
+                    p: {"type": "string", "description": f"The {p.replace('_', ' ')} to use."} for p in params}}}
+    tools = [tool("get_weather", "Current weather for a city", ["city", "units"]),
+             tool("convert_currency", "Convert an amount between currencies", ["amount", "base", "target"]),
+             tool("search_flights", "Search flights between two airports", ["origin", "destination", "date"]),
+             tool("book_table", "Reserve a restaurant table", ["restaurant", "time", "party_size"]),
+             tool("get_stock_price", "Latest price of a stock ticker", ["ticker", "exchange"])]
+    questions = ["What's the weather like in Paris right now, in celsius?",
+                 "How much is 20000 JPY in USD?",
+                 "Find me a flight from SFO to JFK on 2024-07-04 and book a table for 4 at Nopa at 7pm.",
+                 "What is Apple trading at on NASDAQ?", "Convert 15 EUR to GBP please.",
+                 "Is it raining in Lima?", "Show flights from LHR to CDG tomorrow.", "Price of MSFT?"]
+    prompt_ids = []
+    for i in range(args.prompts):
+        system = ("You are an expert in composing functions. You are given a question and a set of possible "
+                  "functions. Make one or more function calls to answer it. Reply with the calls only, as "
+                  "[func_name1(param=value, ...), func_name2(...)].\nHere is the list of functions in JSON format:\n"
+                  + _json.dumps(tools[:3 + i % 3]))
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": questions[i % len(questions)]}]
+        ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+        prompt_ids.append(list(ids)[-400:])  # the byte tokenizer makes long prompts: keep a few hundred tokens
+    G, new = args.group_size, args.new_tokens
+
+    def timed(fn):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return out, time.perf_counter() - t0
+
+    common = dict(group_size=G, max_new_tokens=new, temperature=args.temperature, min_new_tokens=new, seed=0)
+    config = build_generation_config(model, tok, new, greedy=False, min_new_tokens=new)
+    config.temperature, config.top_k = args.temperature, 0
+    rows = []
+
+    def add(method, tokens, seconds, **extra):
+        rows.append({"method": method, "tokens": tokens, "seconds": seconds, "tok_per_s": tokens / seconds, **extra})
+        print(f"  {method}: {tokens} tokens in {seconds:.2f}s", file=sys.stderr, flush=True)
+
+    with torch.no_grad():
+        if not args.skip_naive:  # one generate() per completion
+            pairs = [(i, g) for i in range(args.prompts) for g in range(G)][:args.naive_completions]
+
+            def naive():
+                n = 0
+                for i, _ in pairs:
+                    x = torch.tensor([prompt_ids[i]], device=device)
+                    n += model.generate(x, attention_mask=torch.ones_like(x), generation_config=config).shape[1] - x.shape[1]
+                return n
+            n, dt = timed(naive)
+            add("naive loop (1 generate per completion)", n, dt)
+
+        def batched():  # plain batched generate, transformers' defaults otherwise (dynamic cache, no compile)
+            P = max(len(p) for p in prompt_ids)
+            x = torch.tensor([[pad_id_of(tok)] * (P - len(p)) + p for p in prompt_ids], device=device)
+            mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompt_ids], device=device)
+            out = model.generate(x, attention_mask=mask, do_sample=True, temperature=args.temperature, top_k=0,
+                                 max_new_tokens=new, min_new_tokens=new, num_return_sequences=G,
+                                 pad_token_id=pad_id_of(tok))
+            return out.shape[0] * (out.shape[1] - P)
+        n, dt = timed(batched)
+        add("batched generate (num_return_sequences)", n, dt)
+
+        for label, kw in [("sampler, prefill once", dict(prefill_once=True)),
+                          ("sampler, expand then prefill", dict(prefill_once=False))]:
+            r, dt = timed(lambda: sample(model, tok, prompt_ids, **common, **kw))
+            add(label, sum(len(c) for c in r.completion_ids), dt)
+
+        if device.type == "cuda":
+            _, compile_s = timed(lambda: sample(model, tok, prompt_ids, **common, static_cache=True))
+            r, dt = timed(lambda: sample(model, tok, prompt_ids, **common, static_cache=True))
+            add("sampler, static cache + compile", sum(len(c) for c in r.completion_ids), dt,
+                compile_s=compile_s)
+
+    by = {r["method"]: r for r in rows}
+    base_naive = by.get("naive loop (1 generate per completion)")
+    base_batched = by["batched generate (num_return_sequences)"]
+    for r in rows:
+        r["x_naive"] = r["tok_per_s"] / base_naive["tok_per_s"] if base_naive else None
+        r["x_batched"] = r["tok_per_s"] / base_batched["tok_per_s"]
+
+    # decode is bound by reading the weights (+ the KV cache) once per step; only meaningful where HBM is known
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name()
+        hbm = 4.8e12 if "H200" in name else 3.35e12 if "H100" in name else None
+        cfg = model.config
+        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        mean_ctx = sum(len(p) for p in prompt_ids) / len(prompt_ids) + new / 2
+        kv_bytes = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * 2 * len(prompt_ids) * G * mean_ctx
+        for r in rows:
+            batch = 1 if r["method"].startswith("naive") else len(prompt_ids) * G  # sequences per decode step
+            step_s = r["seconds"] / (r["tokens"] / batch)  # measured seconds per decode step (prefill included)
+            bound_s = (weight_bytes + kv_bytes * batch / (len(prompt_ids) * G)) / hbm if hbm else None
+            r["bw_fraction"] = bound_s / step_s if hbm else None
+
+    columns = ["method", "tokens", "seconds", "tok_per_s", "x_naive", "x_batched"]
+    if device.type == "cuda":
+        columns.append("bw_fraction")
+    print(f"sampler: {model_name} on {device.type}, {len(prompt_ids)} prompts "
+          f"({min(map(len, prompt_ids))}-{max(map(len, prompt_ids))} tokens) x G={G}, {new} new tokens each, "
+          f"{torch.get_num_threads()} threads")
+    print_table(rows, columns)
+    result = {"model": model_name, "device": device.type, "prompts": len(prompt_ids), "group_size": G,
+              "new_tokens": new, "prompt_tokens": [len(p) for p in prompt_ids]}
+    short = {"naive loop (1 generate per completion)": "naive", "batched generate (num_return_sequences)": "batched",
+             "sampler, prefill once": "sampler", "sampler, expand then prefill": "sampler_expand",
+             "sampler, static cache + compile": "sampler_static"}
+    for r in rows:
+        key = short[r["method"]]
+        result[f"{key}_tok_per_s"] = round(r["tok_per_s"], 2)
+        if r.get("bw_fraction") is not None:
+            result[f"{key}_bw_fraction"] = round(r["bw_fraction"], 4)
+        if r.get("compile_s") is not None:
+            result[f"{key}_compile_s"] = round(r["compile_s"], 1)
+    best = max((r for r in rows if r["method"].startswith("sampler")), key=lambda r: r["tok_per_s"])
+    result["sampler_best_x_naive"] = round(best["x_naive"], 2) if best["x_naive"] else None
+    result["sampler_best_x_batched"] = round(best["x_batched"], 2)
+    return result
+
+
+def _train_subprocess(args: list[str], out_dir: str) -> list[dict]:
+    """Run train.py as a user would (it is a script, not a library) and return its metrics rows."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(root), HF_HUB_OFFLINE="1")
+    cmd = [sys.executable, str(root / "train.py"), "--out-dir", out_dir, *args]
+    print("$ " + " ".join(cmd), flush=True)
+    subprocess.run(cmd, cwd=root, env=env, check=True)
+    return [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
 def bench_step(argv):
-    raise SystemExit("step benchmark: not implemented yet")
+    """Seconds per GRPO step and its split, at fixed settings: the default model on CPU, 2 prompts x G=8,
+    128 new tokens, KL 0.001 (reference model loaded), no warm-up; the first step is excluded (warm-up of
+    allocators and caches)."""
+    import argparse
+    import tempfile
+
+    ap = argparse.ArgumentParser(prog="python -m eval.bench step")
+    ap.add_argument("--steps", type=int, default=4, help="steps to run; the first is not counted")
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--extra", default="", help="more train.py flags, e.g. '--share-prompt-kv false'")
+    args = ap.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = _train_subprocess(["--model", args.model, "--steps", str(args.steps), "--sft-steps", "0",
+                                  "--prompts-per-step", "2", "--group-size", "8", "--max-new-tokens",
+                                  str(args.max_new_tokens), "--kl-coef", "0.001", "--eval-limit", "0",
+                                  "--save-every", "0", "--sample-every", "0", *args.extra.split()], tmp)
+    steps = [r for r in rows if r.get("phase") == "rl"][1:]
+    if not steps:
+        raise SystemExit("need --steps >= 2 (the first step is not counted)")
+    mean = lambda k: sum(r[k] for r in steps) / len(steps)  # noqa: E731
+    result = {"steps_counted": len(steps), "sec_per_step": mean("time_step"), "sample_s": mean("time_sample"),
+              "score_s": mean("time_score"), "update_s": mean("time_update"),
+              "resp_len_mean": mean("resp_len_mean"), "peak_mem_gb": max(r["peak_mem_gb"] for r in steps),
+              "settings": f"{args.model}, 2 prompts x G=8, {args.max_new_tokens} new tokens, beta 0.001"}
+    print_table([{"metric": k, "value": v} for k, v in result.items()], ["metric", "value"])
+    return result
+
+
+def bench_learn(argv):
+    """Pure RL (no warm-up) on ONE easy prompt that the base model gets right some of the time: the reward
+    should climb clearly (e.g. below 0.3 -> above 0.7). Prints the reward curve."""
+    import argparse
+    import tempfile
+    from pathlib import Path
+
+    ap = argparse.ArgumentParser(prog="python -m eval.bench learn")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--record", default="default-train-00001", help="id of the default training record to use")
+    ap.add_argument("--extra", default="", help="more train.py flags")
+    args = ap.parse_args(argv)
+    from data.default import load_default
+
+    record = next((r for r in load_default("train") if r["id"] == args.record), None)
+    if record is None:
+        raise SystemExit(f"no default training record with id {args.record}")
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "one.jsonl"
+        data.write_text(json.dumps(record) + "\n")
+        rows = _train_subprocess(["--train-data", str(data), "--val-data", str(data), "--difficulty", "all",
+                                  "--sft-steps", "0", "--steps", str(args.steps), "--prompts-per-step", "1",
+                                  "--group-size", "8", "--eval-limit", "0", "--save-every", "0",
+                                  *args.extra.split()], str(Path(tmp) / "run"))
+    curve = [r["reward"] for r in rows if r.get("phase") == "rl"]
+    first, last = sum(curve[:3]) / len(curve[:3]), sum(curve[-3:]) / len(curve[-3:])
+    print_table([{"step": i + 1, "reward": r} for i, r in enumerate(curve)], ["step", "reward"])
+    return {"record": args.record, "reward_curve": curve, "first3_mean": first, "last3_mean": last}
 
 
 def bench_checker(argv):
@@ -321,7 +551,7 @@ def bench_data(argv):
 
 
 BENCHES = {"kernels": bench_kernels, "sampler": bench_sampler, "step": bench_step, "checker": bench_checker,
-           "data": bench_data}
+           "data": bench_data, "learn": bench_learn}
 
 
 def main(argv=None):
