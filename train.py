@@ -138,6 +138,9 @@ def main(argv=None):
             tqdm.write(msg)
 
     run_dir = Path(cfg.out_dir)
+    if not cfg.resume and ((run_dir / "metrics.jsonl").exists() or (run_dir / "checkpoints").exists()):
+        raise SystemExit(f"{run_dir} already holds a run: pass --resume auto to continue it, or choose another "
+                         "--out-dir (nothing was overwritten)")
     if master:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(config_to_json(cfg))
@@ -267,7 +270,7 @@ def main(argv=None):
             os.replace(tmp, warm_dir)
         barrier()
         evals.update(evaluate(policy, "after_warmup"))
-    elif resume_from is None:
+    elif resume_from is None and start_from == cfg.model:
         evals.update(evaluate(policy, "before"))
 
     reference = None

@@ -137,3 +137,13 @@ def test_two_processes_match_one(tiny_dir, tiny_data, tmp_path):
     assert changed, "the step did not update the parameters: the comparison would be vacuous"
     r1, r2 = _rl_rows(tmp_path / "one")[0], _rl_rows(tmp_path / "two")[0]
     assert r1["reward"] == pytest.approx(r2["reward"]) and r1["loss"] == pytest.approx(r2["loss"], rel=1e-4)
+
+
+def test_fresh_run_refuses_to_overwrite_an_existing_run(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"phase": "rl", "step": 1}\n')
+    res = subprocess.run([sys.executable, str(ROOT / "train.py"), "--out-dir", str(run)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert res.returncode != 0 and "--resume auto" in res.stderr
+    assert (run / "metrics.jsonl").read_text() == '{"phase": "rl", "step": 1}\n'
