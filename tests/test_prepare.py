@@ -11,26 +11,7 @@ from data.validate import RecordError, load_records, validate_record
 
 BFCL_DATA = Path(__import__("bfcl_eval").__file__).parent / "data"
 
-WEATHER = {"name": "get_weather", "description": "Weather for a city.",
-           "parameters": {"type": "object", "required": ["city"], "properties": {
-               "city": {"type": "string"}, "days": {"type": "integer"}, "metric": {"type": "boolean"},
-               "scale": {"type": "number"}, "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
-               "tags": {"type": "array", "items": {"type": "integer"}},
-               "where": {"type": "object", "properties": {"lat": {"type": "number"}}, "required": ["lat"]}}}}
-TIME = {"name": "get_time", "description": "Local time.",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
-
-
-def rec(answers, tools=(WEATHER,), category=None, rid="r1", query="weather in Paris?"):
-    from data.validate import infer_category
-    tools = [json.loads(json.dumps(t)) for t in tools]
-    answers = json.loads(json.dumps(answers))
-    return {"id": rid, "messages": [{"role": "user", "content": query}], "tools": tools, "answers": answers,
-            "category": category or infer_category(tools, answers)}
-
-
-def call(**args):
-    return [{"name": "get_weather", "arguments": {"city": "Paris", **args}}]
+from test_validate import TIME, WEATHER, call, rec  # noqa: E402,F401  (shared record builders)
 
 
 # ----------------------------------------------------------------------------- converters
