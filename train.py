@@ -376,21 +376,16 @@ def main(argv=None):
         mask = (torch.arange(T)[None] < torch.tensor(lengths)[:, None]).float()  # [S, T] response mask
         think_mask = think_token_mask(batch["completions"], tokenizer, cfg.prefill.endswith("<think>"), T) * mask
 
-        def pad(flat):  # [N] -> [S, T]
-            out = torch.zeros(S, T)
-            out[mask.bool()] = flat.detach().float().cpu()
-            return out
-
         on_policy = cfg.ppo_epochs == 1 and cfg.minibatches == 1
         with torch.no_grad():
             old_logp = entropy = ref_logp = None
             if not on_policy:
                 lp, ent, _ = scorer(batch["prompts"], batch["completions"], cfg.temperature, True, True)
-                old_logp, entropy = pad(lp), pad(ent)
+                old_logp, entropy = pad_rows(lp, mask), pad_rows(ent, mask)  # [S, T] on CPU
             if reference is not None and S:
                 lp, _, _ = PolicyScorer(reference, vocab_size, cfg.share_prompt_kv)(
                     batch["prompts"], batch["completions"], cfg.temperature, False, True)
-                ref_logp = pad(lp)
+                ref_logp = pad_rows(lp, mask)
         t_score = time.time() - t1
 
         # 3) PPO-clip updates over minibatches (on-policy by default: a single update, ratio = 1)
@@ -541,7 +536,7 @@ def main(argv=None):
 def pad_rows(flat: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Scatter a flat [N] tensor of completion tokens into [S, T] at mask's 1s (detached)."""
     out = torch.zeros(mask.shape, device=mask.device, dtype=torch.float32)
-    out[mask.bool()] = flat.detach().float()
+    out[mask.bool()] = flat.detach().float().to(mask.device)
     return out
 
 
