@@ -26,8 +26,8 @@ from model.load import (latest_checkpoint, load_model, load_tokenizer, pick_devi
                         set_rng_state)
 from model.score import completion_logprobs, shared_prompt_logprobs
 from rl.cli import config_to_json, parse_config
-from rl.grpo import (aggregate, group_advantages, kl_k3, per_token_loss, shaped_advantages, think_token_mask,
-                     zero_variance_groups)
+from rl.grpo import (aggregate, finite_on_all_ranks, group_advantages, kl_k3, per_token_loss, shaped_advantages,
+                     think_token_mask, zero_variance_groups)
 from rl.reward import reward as compute_reward
 from rl.sampler import logprob_gap, rank_seed, real_vocab_size, sample
 
@@ -417,18 +417,19 @@ def main(argv=None):
                 # averaging of gradients across ranks
                 loss = aggregate(loss_tok, mb_mask, cfg.loss_agg, n_seqs_global / cfg.minibatches,
                                  n_tokens_global / cfg.minibatches, cfg.max_new_tokens) * world
-                if not torch.isfinite(loss):
+                if not finite_on_all_ranks(loss):
                     skipped_updates += 1
                     log(f"[train] step {step}: non-finite loss, update skipped")
                     optimizer.zero_grad(set_to_none=True)
                     continue
                 loss.backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
-                if not torch.isfinite(grad_norm):
+                if not finite_on_all_ranks(grad_norm):
                     skipped_updates += 1
                     log(f"[train] step {step}: non-finite gradient norm, update skipped")
-                else:
-                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    continue
+                optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 n_updates += 1
                 with torch.no_grad():

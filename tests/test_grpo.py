@@ -143,3 +143,26 @@ def test_think_token_mask(tiny_tokenizer):
     assert mask2[0].sum() == 2 and mask2[0, 7:9].sum() == 2
     ids3 = tok("no tags at all", add_special_tokens=False).input_ids
     assert think_token_mask([ids3], tok, starts_in_think=False, T=20)[0].sum() == len(ids3)
+
+
+def _finite_worker(rank, init_file, results):
+    import torch.distributed as dist
+
+    from rl.grpo import finite_on_all_ranks
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        both_fine = finite_on_all_ranks(torch.tensor(1.0))
+        one_bad = finite_on_all_ranks(torch.tensor(float("nan") if rank == 1 else 2.0))
+        results[rank] = (both_fine, one_bad)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_finite_on_all_ranks_agrees_across_processes(tmp_path):
+    """One rank's NaN makes every rank skip: a lone skip would hang the others in the gradient all-reduce."""
+    import torch.multiprocessing as mp
+    from rl.grpo import finite_on_all_ranks
+    assert finite_on_all_ranks(torch.tensor([1.0, 2.0])) and not finite_on_all_ranks(torch.tensor(float("inf")))
+    results = mp.Manager().dict()
+    mp.spawn(_finite_worker, args=(str(tmp_path / "init"), results), nprocs=2, join=True)
+    assert dict(results) == {0: (True, False), 1: (True, False)}

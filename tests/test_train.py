@@ -1,6 +1,7 @@
 """train.py end to end on the tiny model: a run writes what it promises, SIGKILL + --resume auto continues
 exactly, and two processes under torchrun end a step with the same parameters as one process."""
 import json
+import math
 import os
 import signal
 import subprocess
@@ -147,3 +148,39 @@ def test_fresh_run_refuses_to_overwrite_an_existing_run(tmp_path):
                          capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert res.returncode != 0 and "--resume auto" in res.stderr
     assert (run / "metrics.jsonl").read_text() == '{"phase": "rl", "step": 1}\n'
+
+
+@pytest.mark.parametrize("where", ["loss", "grad_norm"])
+def test_non_finite_update_is_skipped_counted_and_training_goes_on(where, tiny_dir, tiny_data, tmp_path, monkeypatch,
+                                                                   capsys):
+    """The first update's loss (or gradient norm) is made NaN: that update is skipped and counted, the parameters
+    stay as they were, and the next step trains normally. In-process, so the fault can be injected."""
+    import train
+    calls = {"n": 0}
+    if where == "loss":
+        real = train.aggregate
+
+        def faulty(*a, **kw):
+            calls["n"] += 1
+            out = real(*a, **kw)
+            return out * float("nan") if calls["n"] == 1 else out
+        monkeypatch.setattr(train, "aggregate", faulty)
+    else:
+        real = torch.nn.utils.clip_grad_norm_
+
+        def faulty(*a, **kw):
+            calls["n"] += 1
+            norm = real(*a, **kw)
+            return norm * float("inf") if calls["n"] == 1 else norm
+        monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", faulty)
+    run = tmp_path / "run"
+    train.main(_args(tiny_dir, tiny_data, run, "--steps", "2", "--sft-steps", "0", "--save-every", "1",
+                     "--eval-limit", "0"))
+    assert calls["n"] >= 2
+    assert f"non-finite {'loss' if where == 'loss' else 'gradient norm'}, update skipped" in capsys.readouterr().out
+    rows = _rl_rows(run)
+    assert [r["skipped_updates"] for r in rows] == [1, 1]
+    assert all(math.isfinite(r["grad_norm"]) and math.isfinite(r["loss"]) for r in rows)
+    start, p1, p2 = load_file(tiny_dir / "model.safetensors"), _final_params(run, 1), _final_params(run, 2)
+    assert all(torch.equal(start[n], p1[n]) for n in start), "the skipped update changed the parameters"
+    assert any(not torch.equal(p1[n], p2[n]) for n in p1), "training did not go on after the skipped update"
