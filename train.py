@@ -176,6 +176,9 @@ def main(argv=None):
         for layer in policy.model.layers:
             fully_shard(layer)
         fully_shard(scorer)
+        with torch.no_grad():  # FSDP must initialise through the root; generate() would reach the layers first
+            scorer([[0]], [[0]], 1.0, False, False)
+        scorer.reshard()  # the root stays unsharded after a forward; the optimizer must see the sharded params
         train_scorer = scorer
     elif distributed:
         from torch.nn.parallel import DistributedDataParallel
@@ -294,7 +297,12 @@ def main(argv=None):
     start_step, skipped_updates = 0, 0
     if resume_from is not None:
         state = torch.load(resume_from / "trainer_state.pt", weights_only=False)
-        optimizer.load_state_dict(state["optimizer"])
+        if cfg.fsdp:  # the checkpoint holds the full optimizer state; each rank keeps its shards of it
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+            set_optimizer_state_dict(scorer, optimizer, state["optimizer"],
+                                     options=StateDictOptions(full_state_dict=True))
+        else:
+            optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         cursor, start_step, skipped_updates = state["cursor"], state["step"], state["skipped_updates"]
         evals = state.get("evals", {})
@@ -424,6 +432,8 @@ def main(argv=None):
                     continue
                 loss.backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
+                if cfg.fsdp:  # a DTensor over the shards
+                    grad_norm = grad_norm.full_tensor()
                 if not finite_on_all_ranks(grad_norm):
                     skipped_updates += 1
                     log(f"[train] step {step}: non-finite gradient norm, update skipped")
@@ -505,14 +515,16 @@ def main(argv=None):
         if last or (cfg.save_every and (step + 1) % cfg.save_every == 0):
             if last:
                 evals.update(evaluate(policy, "after_rl"))
-            state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "cursor": dict(cursor),
+            model_state, optim_state = None, optimizer.state_dict()
+            if cfg.fsdp:  # gather the shards into full state dicts on rank 0
+                from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                                     get_optimizer_state_dict)
+                full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+                model_state = get_model_state_dict(policy, options=full)
+                optim_state = get_optimizer_state_dict(scorer, optimizer, options=full)
+            state = {"optimizer": optim_state, "scheduler": scheduler.state_dict(), "cursor": dict(cursor),
                      "step": step + 1, "skipped_updates": skipped_updates, "evals": evals}
-            full_state = None
-            if cfg.fsdp:
-                from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-                full_state = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True,
-                                                                                   cpu_offload=True))
-            path = save_checkpoint(run_dir, step + 1, full_state, policy, tokenizer, state, config_to_json(cfg), rank,
+            path = save_checkpoint(run_dir, step + 1, model_state, policy, tokenizer, state, config_to_json(cfg), rank,
                                    world, barrier)
             if master:
                 prune_checkpoints(run_dir, cfg.keep_last)

@@ -395,15 +395,23 @@ def bench_step(argv):
 
 def bench_learn(argv):
     """Pure RL (no warm-up) on ONE easy prompt that the base model gets right some of the time: the reward
-    should climb clearly (e.g. below 0.3 -> above 0.7). Prints the reward curve."""
+    should climb clearly (e.g. below 0.3 -> above 0.7). Prints the reward curve.
+
+    The defaults are the settings under which the base model's first successes are not vanishingly rare:
+    the bare call list (no <think>), tools as Python signatures, the answer opened with "[", strict binary
+    reward. Record default-train-00023 ("Send an email to ... with the subject ...") is one the base model
+    answers exactly right in about 1 of 16 samples at temperature 0.7; the paper's think/answer format with
+    JSON tools gives the base model no successes at all, hence no gradient."""
     import argparse
     import tempfile
     from pathlib import Path
 
     ap = argparse.ArgumentParser(prog="python -m eval.bench learn")
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--record", default="default-train-00001", help="id of the default training record to use")
-    ap.add_argument("--extra", default="", help="more train.py flags")
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--record", default="default-train-00023", help="id of the default training record to use")
+    ap.add_argument("--group-size", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=5e-5)
+    ap.add_argument("--extra", default="", help="more train.py flags (they override the ones above)")
     args = ap.parse_args(argv)
     from data.default import load_default
 
@@ -415,12 +423,17 @@ def bench_learn(argv):
         data.write_text(json.dumps(record) + "\n")
         rows = _train_subprocess(["--train-data", str(data), "--val-data", str(data), "--difficulty", "all",
                                   "--sft-steps", "0", "--steps", str(args.steps), "--prompts-per-step", "1",
-                                  "--group-size", "8", "--eval-limit", "0", "--save-every", "0",
+                                  "--group-size", str(args.group_size), "--lr", str(args.lr), "--kl-coef", "0",
+                                  "--answer-format", "plain", "--tools-as", "python", "--prefill", "[",
+                                  "--max-new-tokens", "48", "--eval-limit", "0", "--save-every", "0",
                                   *args.extra.split()], str(Path(tmp) / "run"))
     curve = [r["reward"] for r in rows if r.get("phase") == "rl"]
-    first, last = sum(curve[:3]) / len(curve[:3]), sum(curve[-3:]) / len(curve[-3:])
+    k = min(3, len(curve))
+    first, last = sum(curve[:k]) / k, sum(curve[-k:]) / k
     print_table([{"step": i + 1, "reward": r} for i, r in enumerate(curve)], ["step", "reward"])
-    return {"record": args.record, "reward_curve": curve, "first3_mean": first, "last3_mean": last}
+    print(f"reward, mean of the first {k} steps: {first:.2f}; of the last {k}: {last:.2f}")
+    return {"record": args.record, "reward_curve": curve, "first3_mean": first, "last3_mean": last,
+            "learned": first < 0.3 and last > 0.7}
 
 
 def bench_checker(argv):

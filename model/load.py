@@ -220,6 +220,9 @@ def save_checkpoint(run_dir, step: int, model_state: dict | None, model, tokeniz
     barrier()
     torch.save(rng_state(), tmp / f"rng-rank{rank}.pt")
     if rank == 0:
+        if model_state is not None and getattr(model.config, "tie_word_embeddings", False):
+            # a gathered state dict holds the tied head as a second copy; save it once, as save_pretrained does
+            model_state = {k: v for k, v in model_state.items() if k != "lm_head.weight"}
         model.save_pretrained(tmp, state_dict=model_state, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         torch.save(trainer_state, tmp / "trainer_state.pt")

@@ -184,3 +184,26 @@ def test_non_finite_update_is_skipped_counted_and_training_goes_on(where, tiny_d
     start, p1, p2 = load_file(tiny_dir / "model.safetensors"), _final_params(run, 1), _final_params(run, 2)
     assert all(torch.equal(start[n], p1[n]) for n in start), "the skipped update changed the parameters"
     assert any(not torch.equal(p1[n], p2[n]) for n in p1), "training did not go on after the skipped update"
+
+
+def test_fsdp_two_processes_match_one_and_resume(tiny_dir, tiny_data, tmp_path):
+    """--fsdp (FSDP2 fully_shard) over 2 CPU processes (gloo) ends a step with the same parameters as one plain
+    process and writes a full checkpoint like it; a run stopped after step 1 and resumed from that checkpoint
+    (sharded optimizer state restored) ends step 2 exactly like an uninterrupted FSDP run."""
+    common = ("--save-every", "1", "--prompts-per-step", "2", "--sft-steps", "0", "--eval-limit", "0")
+    _finish(_run(_args(tiny_dir, tiny_data, tmp_path / "one", *common, "--steps", "1")))
+    _finish(_run(_args(tiny_dir, tiny_data, tmp_path / "fsdp", *common, "--steps", "2", "--fsdp", "true"), nproc=2))
+    p1, p2 = _final_params(tmp_path / "one", 1), _final_params(tmp_path / "fsdp", 1)
+    start = load_file(tiny_dir / "model.safetensors")
+    assert set(p1) == set(p2)
+    for name in p1:
+        assert torch.allclose(p1[name], p2[name], rtol=1e-4, atol=1e-6), name
+    assert any(not torch.equal(p1[n], start[n]) for n in p1), "the step did not update the parameters"
+
+    _finish(_run(_args(tiny_dir, tiny_data, tmp_path / "part", *common, "--steps", "1", "--fsdp", "true"), nproc=2))
+    _finish(_run(_args(tiny_dir, tiny_data, tmp_path / "part", *common, "--steps", "2", "--fsdp", "true",
+                       "--resume", "auto"), nproc=2))
+    full, resumed = _final_params(tmp_path / "fsdp", 2), _final_params(tmp_path / "part", 2)
+    for name in full:
+        assert torch.equal(full[name], resumed[name]), name
+    assert any(not torch.equal(full[n], p2[n]) for n in full), "step 2 did not update the parameters"
