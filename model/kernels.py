@@ -124,6 +124,11 @@ def torch_tiles(N: int, V: int, device: torch.device, chunk_rows: int | None = N
     return rows, max(1, min(cols, V))
 
 
+def tile(buffer: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """A contiguous [rows, cols] view of the front of a flat buffer (the last tile may be smaller)."""
+    return buffer[: rows * cols].view(rows, cols)
+
+
 class _ChunkedLogprobEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, temperature, with_entropy, chunk_rows, chunk_cols):
@@ -136,6 +141,10 @@ class _ChunkedLogprobEntropy(torch.autograd.Function):
         log_sum = torch.empty_like(row_max)
         logp = torch.empty_like(row_max)
         entropy = torch.empty_like(row_max) if with_entropy else row_max.new_empty(0)
+        # two tile buffers reused across tiles: on CPU a fresh tens-of-MB tensor per tile is a fresh mmap, and
+        # faulting its pages in costs more than the elementwise work on it
+        z_buf = torch.empty(rows * cols, dtype=torch.float32, device=hidden.device)
+        e_buf = torch.empty_like(z_buf)
         for r0 in range(0, N, rows):
             r1 = min(r0 + rows, N)
             h32 = hidden[r0:r1].float() * inv_t  # [R, H]: temperature folded into the small operand
@@ -145,7 +154,7 @@ class _ChunkedLogprobEntropy(torch.autograd.Function):
             z_target = torch.zeros(r1 - r0, dtype=torch.float32, device=hidden.device)
             for v0 in range(0, V, cols):
                 v1 = min(v0 + cols, V)
-                z = h32 @ weight[v0:v1].float().T  # [R, C] fp32
+                z = torch.mm(h32, weight[v0:v1].float().T, out=tile(z_buf, r1 - r0, v1 - v0))  # [R, C] fp32
                 in_tile = (tgt >= v0) & (tgt < v1)
                 local = (tgt - v0).clamp(0, v1 - v0 - 1)[:, None]
                 z_target += torch.where(in_tile, z.gather(1, local).squeeze(1), 0.0)
@@ -155,7 +164,7 @@ class _ChunkedLogprobEntropy(torch.autograd.Function):
                 m_new = torch.maximum(m, m_tile)
                 alpha = torch.exp(m - m_new)
                 z.sub_(m_new[:, None])
-                e = torch.exp(z)
+                e = torch.exp(z, out=tile(e_buf, r1 - r0, v1 - v0))
                 if with_entropy:  # shifting t from m to m_new: sum e*(z - m_new) = sum e*(z - m) + (m - m_new)*s
                     t = alpha * (t + (m - m_new) * s) + torch.linalg.vecdot(e, z)
                 s = alpha * s + e.sum(1)
@@ -181,6 +190,7 @@ class _ChunkedLogprobEntropy(torch.autograd.Function):
         grad_scale = grad_logp.float() * inv_t  # [N]
         grad_h = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        e_buf = torch.empty(rows * cols, dtype=torch.float32, device=hidden.device)
         for r0 in range(0, N, rows):
             r1 = min(r0 + rows, N)
             h32 = hidden[r0:r1].float()  # [R, H]
@@ -192,7 +202,8 @@ class _ChunkedLogprobEntropy(torch.autograd.Function):
             for v0 in range(0, V, cols):
                 v1 = min(v0 + cols, V)
                 w32 = weight[v0:v1].float()  # [C, H]
-                e = torch.mm(h_scaled, w32.T).sub_(row_max[r0:r1, None]).exp_()  # [R, C] = s * softmax
+                e = torch.mm(h_scaled, w32.T, out=tile(e_buf, r1 - r0, v1 - v0))
+                e.sub_(row_max[r0:r1, None]).exp_()  # [R, C] = s * softmax
                 if need_h:
                     e_w.addmm_(e, w32)
                 if need_w:
