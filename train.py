@@ -23,7 +23,7 @@ from tqdm import tqdm
 from data.calls import format_calls, render_prompt
 from data.default import load_default, load_records
 from model.load import (latest_checkpoint, load_model, load_tokenizer, pick_device, prune_checkpoints, save_checkpoint,
-                        set_rng_state)
+                        save_policy, set_rng_state)
 from model.score import completion_logprobs, shared_prompt_logprobs
 from rl.cli import config_to_json, parse_config
 from rl.grpo import (aggregate, finite_on_all_ranks, group_advantages, kl_k3, per_token_loss, shaped_advantages,
@@ -194,6 +194,12 @@ def main(argv=None):
         yield
         if cfg.fsdp:
             scorer.reshard()
+    def full_model_state():
+        """Under FSDP the full state dict gathered on rank 0 (every rank must call this); else None (the model's)."""
+        if not cfg.fsdp:
+            return None
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        return get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     log(f"[train] policy {start_from} on {device} x{world}, {sum(p.numel() for p in policy.parameters()) / 1e6:.1f}M "
         f"params, {len(train_records)} train / {len(val_records)} val records -> {run_dir}")
 
@@ -266,10 +272,10 @@ def main(argv=None):
             bar.set_postfix(nll=f"{loss.item() / world:.3f}")
             write_metrics({"phase": "warmup", "step": step, "sft_nll": loss.item() / world})
         del sft_opt
+        model_state = full_model_state()
         if master:
             tmp = warm_dir.with_name("warmup.tmp")
-            policy.save_pretrained(tmp, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
+            save_policy(tmp, policy, tokenizer, model_state)
             os.replace(tmp, warm_dir)
         barrier()
         evals.update(evaluate(policy, "after_warmup"))
@@ -515,13 +521,11 @@ def main(argv=None):
         if last or (cfg.save_every and (step + 1) % cfg.save_every == 0):
             if last:
                 evals.update(evaluate(policy, "after_rl"))
-            model_state, optim_state = None, optimizer.state_dict()
-            if cfg.fsdp:  # gather the shards into full state dicts on rank 0
-                from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                                     get_optimizer_state_dict)
-                full = StateDictOptions(full_state_dict=True, cpu_offload=True)
-                model_state = get_model_state_dict(policy, options=full)
-                optim_state = get_optimizer_state_dict(scorer, optimizer, options=full)
+            model_state, optim_state = full_model_state(), optimizer.state_dict()
+            if cfg.fsdp:  # the full optimizer state, gathered on rank 0
+                from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+                optim_state = get_optimizer_state_dict(scorer, optimizer, options=StateDictOptions(
+                    full_state_dict=True, cpu_offload=True))
             state = {"optimizer": optim_state, "scheduler": scheduler.state_dict(), "cursor": dict(cursor),
                      "step": step + 1, "skipped_updates": skipped_updates, "evals": evals}
             path = save_checkpoint(run_dir, step + 1, model_state, policy, tokenizer, state, config_to_json(cfg), rank,

@@ -208,6 +208,16 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def save_policy(path, model, tokenizer, model_state: dict | None = None) -> None:
+    """save_pretrained (safetensors) + the tokenizer. `model_state`: a full state dict gathered from shards, or
+    None for the model's own."""
+    if model_state is not None and getattr(model.config, "tie_word_embeddings", False):
+        # a gathered state dict holds the tied head as a second copy; save it once, as save_pretrained does
+        model_state = {k: v for k, v in model_state.items() if k != "lm_head.weight"}
+    model.save_pretrained(path, state_dict=model_state, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+
+
 def save_checkpoint(run_dir, step: int, model_state: dict | None, model, tokenizer, trainer_state: dict,
                     config_json: str, rank: int, world_size: int, barrier=lambda: None) -> Path:
     """Every rank writes its RNG state; rank 0 writes the rest and renames when all are done.
@@ -220,11 +230,7 @@ def save_checkpoint(run_dir, step: int, model_state: dict | None, model, tokeniz
     barrier()
     torch.save(rng_state(), tmp / f"rng-rank{rank}.pt")
     if rank == 0:
-        if model_state is not None and getattr(model.config, "tie_word_embeddings", False):
-            # a gathered state dict holds the tied head as a second copy; save it once, as save_pretrained does
-            model_state = {k: v for k, v in model_state.items() if k != "lm_head.weight"}
-        model.save_pretrained(tmp, state_dict=model_state, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+        save_policy(tmp, model, tokenizer, model_state)
         torch.save(trainer_state, tmp / "trainer_state.pt")
         (tmp / "run_config.json").write_text(config_json)
     barrier()

@@ -187,18 +187,23 @@ def test_non_finite_update_is_skipped_counted_and_training_goes_on(where, tiny_d
 
 
 def test_fsdp_two_processes_match_one_and_resume(tiny_dir, tiny_data, tmp_path):
-    """--fsdp (FSDP2 fully_shard) over 2 CPU processes (gloo) ends a step with the same parameters as one plain
-    process and writes a full checkpoint like it; a run stopped after step 1 and resumed from that checkpoint
-    (sharded optimizer state restored) ends step 2 exactly like an uninterrupted FSDP run."""
-    common = ("--save-every", "1", "--prompts-per-step", "2", "--sft-steps", "0", "--eval-limit", "0")
+    """--fsdp (FSDP2 fully_shard) over 2 CPU processes (gloo): warm-up, evaluation and one GRPO step end with the
+    same parameters as in one plain process, and the saved policies are full ones like its; a run stopped after
+    step 1 and resumed from its checkpoint (optimizer state re-sharded) ends step 2 exactly like an uninterrupted
+    FSDP run."""
+    common = ("--save-every", "1", "--prompts-per-step", "2", "--sft-steps", "2", "--eval-limit", "2")
     _finish(_run(_args(tiny_dir, tiny_data, tmp_path / "one", *common, "--steps", "1")))
     _finish(_run(_args(tiny_dir, tiny_data, tmp_path / "fsdp", *common, "--steps", "2", "--fsdp", "true"), nproc=2))
     p1, p2 = _final_params(tmp_path / "one", 1), _final_params(tmp_path / "fsdp", 1)
     start = load_file(tiny_dir / "model.safetensors")
+    w1, w2 = (load_file(tmp_path / run / "warmup" / "model.safetensors") for run in ("one", "fsdp"))
+    assert set(w1) == set(w2) and all(torch.allclose(w1[n], w2[n], rtol=1e-4, atol=1e-6) for n in w1)
     assert set(p1) == set(p2)
+    # Adam turns float-order noise in near-zero gradients into update noise of ~1e-5; a parameter the sharded
+    # optimizer missed, or another batch, would be off by about the learning rate (1e-3)
     for name in p1:
-        assert torch.allclose(p1[name], p2[name], rtol=1e-4, atol=1e-6), name
-    assert any(not torch.equal(p1[n], start[n]) for n in p1), "the step did not update the parameters"
+        assert torch.allclose(p1[name], p2[name], rtol=1e-4, atol=1e-4), name
+    assert any((p1[n] - start[n]).abs().max() > 1e-3 for n in p1), "the step did not update the parameters"
 
     _finish(_run(_args(tiny_dir, tiny_data, tmp_path / "part", *common, "--steps", "1", "--fsdp", "true"), nproc=2))
     _finish(_run(_args(tiny_dir, tiny_data, tmp_path / "part", *common, "--steps", "2", "--fsdp", "true",
