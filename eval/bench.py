@@ -4,6 +4,7 @@
     python -m eval.bench sampler   # rollout tokens/s vs a naive generate loop
     python -m eval.bench step      # seconds per GRPO step and its split, peak memory
     python -m eval.bench learn     # pure RL on one easy prompt: the reward curve
+    python -m eval.bench trl       # TRL's GRPOTrainer at `step`'s settings (needs pip install trl datasets)
     python -m eval.bench checker   # reward/checker throughput
     python -m eval.bench data      # AST validation records/s
 """
@@ -437,6 +438,65 @@ def bench_learn(argv):
             "learned": first < 0.3 and last > 0.7}
 
 
+def bench_trl(argv):
+    """Hugging Face TRL's GRPOTrainer at `step`'s settings (2 prompts x G=8, 128 new tokens, beta 0.001, temperature
+    0.7, lr 2e-5, fp32, the same prompts and reward), for a side-by-side comparison on one machine. TRL is not a
+    dependency of this project: pip install trl datasets (a separate environment is best)."""
+    import argparse
+    import resource
+    import tempfile
+
+    ap = argparse.ArgumentParser(prog="python -m eval.bench trl")
+    ap.add_argument("--steps", type=int, default=3, help="steps to run; the first is not counted")
+    args = ap.parse_args(argv)
+    try:
+        import pyarrow as pa
+        from datasets import Dataset
+        from transformers import TrainerCallback
+        from trl import GRPOConfig, GRPOTrainer
+    except ImportError as e:
+        raise SystemExit(f"this comparison needs TRL ({e}): pip install trl datasets")
+    from data.calls import render_prompt
+    from data.default import load_default
+    from model.load import load
+    from rl.reward import reward
+
+    model, tokenizer = load("smollm2-135m", dtype="float32")
+    records = [r for r in load_default("train") if r.get("difficulty") == "easy"][:64]
+    prompts = [render_prompt(tokenizer, r["messages"], r["tools"], answer_format="think", tools_as="python",
+                             prefill="<think>") for r in records]
+    record_of = dict(zip(prompts, records))
+
+    def reward_fn(prompts, completions, **_):
+        return [reward("<think>" + c, record_of[p], answer_format="think")[0] for p, c in zip(prompts, completions)]
+
+    times = []
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, *_, **__):
+            self.start = time.time()
+
+        def on_step_end(self, *_, **__):
+            times.append(time.time() - self.start)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        config = GRPOConfig(output_dir=tmp, per_device_train_batch_size=16, num_generations=8,
+                            max_completion_length=128, beta=0.001, temperature=0.7, learning_rate=2e-5,
+                            max_steps=args.steps, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
+                            bf16=False, seed=0)
+        # an explicit fingerprint: datasets' default hashing of the table fails with some pyarrow/dill versions
+        dataset = Dataset(pa.table({"prompt": prompts}), fingerprint="bench-trl")
+        GRPOTrainer(model=model, reward_funcs=reward_fn, args=config, train_dataset=dataset,
+                    processing_class=tokenizer, callbacks=[StepTimer()]).train()
+    if len(times) < 2:
+        raise SystemExit("need --steps >= 2 (the first step is not counted)")
+    result = {"steps_counted": len(times) - 1, "sec_per_step": sum(times[1:]) / (len(times) - 1),
+              "peak_mem_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+              "trl": __import__("trl").__version__}
+    print_table([{"metric": k, "value": v} for k, v in result.items()], ["metric", "value"])
+    return result
+
+
 def bench_checker(argv):
     """Parse + check 10,000 BFCL-style outputs (right answers, near misses, prose, malformed) on one core,
     through the BFCL scoring path and through the think-format reward."""
@@ -565,7 +625,7 @@ def bench_data(argv):
 
 
 BENCHES = {"kernels": bench_kernels, "sampler": bench_sampler, "step": bench_step, "checker": bench_checker,
-           "data": bench_data, "learn": bench_learn}
+           "data": bench_data, "learn": bench_learn, "trl": bench_trl}
 
 
 def main(argv=None):
