@@ -194,6 +194,7 @@ def main(argv=None):
         yield
         if cfg.fsdp:
             scorer.reshard()
+
     def full_model_state():
         """Under FSDP the full state dict gathered on rank 0 (every rank must call this); else None (the model's)."""
         if not cfg.fsdp:
@@ -528,8 +529,8 @@ def main(argv=None):
                     full_state_dict=True, cpu_offload=True))
             state = {"optimizer": optim_state, "scheduler": scheduler.state_dict(), "cursor": dict(cursor),
                      "step": step + 1, "skipped_updates": skipped_updates, "evals": evals}
-            path = save_checkpoint(run_dir, step + 1, model_state, policy, tokenizer, state, config_to_json(cfg), rank,
-                                   world, barrier)
+            save_checkpoint(run_dir, step + 1, model_state, policy, tokenizer, state, config_to_json(cfg), rank, world,
+                            barrier)
             if master:
                 prune_checkpoints(run_dir, cfg.keep_last)
 

@@ -412,7 +412,7 @@ def bench_learn(argv):
     ap.add_argument("--record", default="default-train-00023", help="id of the default training record to use")
     ap.add_argument("--group-size", type=int, default=16)
     ap.add_argument("--lr", type=float, default=2e-5, help="2e-5 (train.py's default); 5e-5 learned faster, then "
-                    "collapsed to reward 0 for good at step 15")
+                    "collapsed to reward 0 for good at step 16")
     ap.add_argument("--extra", default="", help="more train.py flags (they override the ones above)")
     args = ap.parse_args(argv)
     from data.default import load_default
@@ -451,6 +451,7 @@ def bench_trl(argv):
     args = ap.parse_args(argv)
     try:
         import pyarrow as pa
+        import trl
         from datasets import Dataset
         from transformers import TrainerCallback
         from trl import GRPOConfig, GRPOTrainer
@@ -492,7 +493,7 @@ def bench_trl(argv):
         raise SystemExit("need --steps >= 2 (the first step is not counted)")
     result = {"steps_counted": len(times) - 1, "sec_per_step": sum(times[1:]) / (len(times) - 1),
               "peak_mem_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-              "trl": __import__("trl").__version__}
+              "trl": trl.__version__}
     print_table([{"metric": k, "value": v} for k, v in result.items()], ["metric", "value"])
     return result
 
