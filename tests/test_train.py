@@ -212,3 +212,48 @@ def test_fsdp_two_processes_match_one_and_resume(tiny_dir, tiny_data, tmp_path):
     for name in full:
         assert torch.equal(full[name], resumed[name]), name
     assert any(not torch.equal(full[n], p2[n]) for n in full), "step 2 did not update the parameters"
+
+
+GOLDEN = Path(__file__).with_name("golden_train.json")
+GOLDEN_ARGS = ("--steps", "3", "--sft-steps", "2", "--warmup-steps", "2", "--lr-schedule", "cosine",
+               "--ppo-epochs", "2", "--minibatches", "2", "--dynamic-sampling", "--max-refill-rounds", "4",
+               "--save-every", "3", "--eval-limit", "2")
+
+
+def _golden_facts(run):
+    """What must not change when the code is reorganised: every metrics row without its timings and memory, the
+    failure reasons per step under their full codes (from samples.jsonl, which holds every completion), and a
+    digest of every tensor of the final checkpoint (parameters and optimizer state)."""
+    import hashlib
+    run = Path(run)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rows = [{k: v for k, v in r.items() if not k.startswith(VOLATILE) and not k.startswith("reason/")} for r in rows]
+    samples = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
+    for row in rows:
+        if row["phase"] == "rl":
+            whys = [s["reason"] for s in samples if s["step"] == row["step"]]
+            codes = [w.split(": ")[0] if w else "correct" for w in whys]
+            row.update({f"reason/{c}": codes.count(c) / len(codes) for c in sorted(set(codes))})
+    ckpt = run / "checkpoints" / "step-000003"
+    params = {name: hashlib.sha256(t.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+              for name, t in sorted(load_file(ckpt / "model.safetensors").items())}
+    optim = torch.load(ckpt / "trainer_state.pt", weights_only=False)["optimizer"]["state"]
+    optim_sums = {f"{i}/{k}": float(v.double().sum()) for i, s in sorted(optim.items()) for k, v in sorted(s.items())}
+    return {"rows": rows, "params_sha256": params, "optimizer_sums": optim_sums}
+
+
+def test_golden_run_is_unchanged(tiny_dir, tiny_data, tmp_path):
+    """A 3-step run that goes through the warm-up, learning-rate warm-up and cosine schedule, the KL reference,
+    the entropy bonus, dynamic sampling with refills, two PPO epochs of two minibatches (the old-log-prob path)
+    and a checkpoint gives exactly the recorded metrics and final tensors (tests/golden_train.json)."""
+    run = tmp_path / "run"
+    _finish(_run(_args(tiny_dir, tiny_data, run, *GOLDEN_ARGS)))
+    facts = _golden_facts(run)
+    if os.environ.get("FUNRL_RECORD_GOLDEN") == "1":  # deliberate re-recording after a change of behaviour
+        GOLDEN.write_text(json.dumps(facts, indent=1, sort_keys=True) + "\n")
+    golden = json.loads(GOLDEN.read_text())
+    assert len(facts["rows"]) == len(golden["rows"])
+    for got, want in zip(facts["rows"], golden["rows"]):
+        assert got == want
+    assert facts["params_sha256"] == golden["params_sha256"]
+    assert facts["optimizer_sums"] == golden["optimizer_sums"]
