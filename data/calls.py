@@ -44,8 +44,58 @@ MAX_STR_CHARS = 100_000      # constant folding: no string longer than this
 
 
 def reason_code(reason: str) -> str:
-    """The metric key of a reason: the text before the first ': '."""
-    return reason.split(": ", 1)[0]
+    """The code of a reason ("wrong_value: x=3 ..." -> "wrong_value", "format:no_think" stays whole); the empty
+    reason of a right answer is "correct". Metrics and reports count reasons by this code."""
+    return reason.split(": ", 1)[0] if reason else "correct"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Type names
+
+# Every type name met in tool schemas (JSON Schema, BFCL's dialect, Python annotations), in one table:
+#   the JSON Schema name records are normalised to (None: any value),
+#   the Python type the checker requires of a value (None: not checked; BFCL checks "any" as str),
+#   the annotation shown in Python-signature prompts.
+TYPES = {
+    "string": ("string", str, "str"), "str": ("string", str, "str"),
+    "integer": ("integer", int, "int"), "int": ("integer", int, "int"),
+    "number": ("number", float, "float"), "float": ("number", float, "float"), "double": ("number", float, "float"),
+    "boolean": ("boolean", bool, "bool"), "bool": ("boolean", bool, "bool"),
+    "array": ("array", list, "list"), "list": ("array", list, "list"), "tuple": ("array", list, "tuple"),
+    "object": ("object", dict, "dict"), "dict": ("object", dict, "dict"),
+    "null": ("null", None, "None"), "any": (None, str, "Any"),
+}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Prompt format
+
+@dataclass(frozen=True)
+class PromptFormat:
+    """How a prompt asks for calls and what the model's turn starts with: one value, saved with every run and
+    checkpoint (prompt_format.json), so evaluation prompts a trained model the way it was trained."""
+    answer_format: str = "think"  # think | plain | json | hermes (see parse_completion)
+    tools_as: str = "json"  # json (BFCL's listing) | python (signatures with docstrings)
+    prefill: str = ""  # text that opens the assistant turn (e.g. "<think>"): part of the prompt, never scored
+
+    def __post_init__(self):
+        if self.answer_format not in _FORMAT_RULES:
+            raise ValueError(f"answer_format must be one of {', '.join(_FORMAT_RULES)}, got {self.answer_format!r}")
+        if self.tools_as not in ("json", "python"):
+            raise ValueError(f"tools_as must be 'json' or 'python', got {self.tools_as!r}")
+
+    @property
+    def starts_in_think(self) -> bool:
+        """The completion begins inside <think> (the prefill opened it)."""
+        return self.prefill.endswith("<think>")
+
+    def to_json(self) -> str:
+        return json.dumps({"answer_format": self.answer_format, "tools_as": self.tools_as, "prefill": self.prefill})
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PromptFormat":
+        """From prompt_format.json, or from a run's config.json (which holds the same three fields among others)."""
+        return cls(**{k: d[k] for k in ("answer_format", "tools_as", "prefill") if k in d})
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -78,15 +128,11 @@ _FORMAT_RULES = {
         "If no function fits, say so and write no tool_call."),
 }
 
-_PY_TYPES = {"string": "str", "integer": "int", "float": "float", "number": "float", "boolean": "bool",
-             "array": "list", "tuple": "tuple", "dict": "dict", "object": "dict", "any": "Any"}
-
-
 def _py_type(schema: dict) -> str:
     t = schema.get("type", "any")
     if isinstance(t, list):
         t = next((x for x in t if x != "null"), "any")
-    name = _PY_TYPES.get(t, str(t))
+    name = TYPES[t][2] if t in TYPES else str(t)
     items = schema.get("items")
     if name in ("list", "tuple") and isinstance(items, dict) and "type" in items:
         name = f"{name}[{_py_type(items)}]"
@@ -132,13 +178,15 @@ def system_prompt(tools: list[dict], answer_format: str = "think", tools_as: str
     return f"{_PROMPT_INTRO}\n\n{_FORMAT_RULES[answer_format]}\n\n{listing}\n"
 
 
-def _flatten_question(question) -> list[dict]:
+def flatten_question(question) -> list[dict]:
+    """A question as flat chat messages: a string is one user turn; BFCL's list of turns (each a list of
+    messages) is concatenated."""
     if isinstance(question, str):
         return [{"role": "user", "content": question}]
     messages = []
     for item in question:
         if isinstance(item, list):   # BFCL: a list of turns, each a list of messages
-            messages.extend(_flatten_question(item))
+            messages.extend(flatten_question(item))
         else:
             messages.append({"role": item["role"], "content": item["content"]})
     return messages
@@ -149,7 +197,7 @@ def build_messages(question, tools: list[dict], answer_format: str = "think", to
     """Chat messages for one question. A system message in the question is appended to ours (as BFCL does).
     merge_system=True puts the system text at the top of the first user turn instead (templates without a
     system role)."""
-    messages = _flatten_question(question)
+    messages = flatten_question(question)
     system = system_prompt(tools, answer_format, tools_as)
     if messages and messages[0]["role"] == "system":
         system = system + "\n\n" + messages[0]["content"]
@@ -179,15 +227,15 @@ def template_has_system_role(tokenizer) -> bool:
     return _SYSTEM_ROLE_CACHE[key]
 
 
-def render_prompt(tokenizer, question, tools: list[dict], answer_format: str = "think", tools_as: str = "json",
-                  prefill: str = "") -> str:
+def render_prompt(tokenizer, question, tools: list[dict], prompt_format: PromptFormat = PromptFormat()) -> str:
     """The prompt string: chat template with the generation prompt, then the prefill (e.g. "<think>")."""
     if getattr(tokenizer, "chat_template", None) is None:
         raise ValueError("the tokenizer has no chat template; set tokenizer.chat_template before rendering prompts")
     merge = not template_has_system_role(tokenizer)
-    messages = build_messages(question, tools, answer_format, tools_as, merge_system=merge)
+    messages = build_messages(question, tools, prompt_format.answer_format, prompt_format.tools_as,
+                              merge_system=merge)
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return text + prefill
+    return text + prompt_format.prefill
 
 
 def format_calls(calls: list[dict], style: str = "python") -> str:
@@ -567,9 +615,6 @@ def decode_bfcl_result(result) -> list[dict] | None:
 # ----------------------------------------------------------------------------------------------------
 # Checker (BFCL AST semantics)
 
-# BFCL's dialect and JSON Schema type names -> the Python type a value must have
-_TYPE_OF = {"string": str, "integer": int, "float": float, "number": float, "boolean": bool, "bool": bool,
-            "array": list, "list": list, "tuple": list, "dict": dict, "object": dict, "any": str}
 
 
 def _schema_type(schema) -> tuple[str | None, type | None]:
@@ -578,7 +623,7 @@ def _schema_type(schema) -> tuple[str | None, type | None]:
     t = schema.get("type")
     if isinstance(t, list):
         t = next((x for x in t if x != "null"), None)
-    return t, _TYPE_OF.get(t)
+    return t, TYPES[t][1] if t in TYPES else None
 
 
 def category_kind(category: str) -> str:

@@ -435,7 +435,7 @@ def _with_prep(rec: dict, state: dict) -> dict:
 def hf_judge(model, tokenizer, max_new_tokens: int = 384, seed: int = 0):
     """A judge callable on any HF causal LM, generating greedily in one batch with the project's sampler."""
     from data.calls import template_has_system_role
-    from rl.sampler import sample  # imported here: the data layer needs the sampler only with a judge model
+    from model.sample import sample  # imported here: only a judge model needs the sampler
 
     merge_system = not template_has_system_role(tokenizer)
 

@@ -188,7 +188,7 @@ def bench_kernels(argv):
 
 
 def bench_sampler(argv):
-    """Completion tokens/s of rl.sampler.sample against one generate() per completion (naive loop) and one plain
+    """Completion tokens/s of model.sample.sample against one generate() per completion (naive loop) and one plain
     batched generate() with num_return_sequences=G. Every completion is forced to --new-tokens tokens
     (min_new_tokens) so all methods do the same work. CPU: the embedded default model. GPU: a randomly initialised
     Qwen2.5-shaped model (byte tokenizer), plus the static-cache + compiled sampler and the fraction of the
@@ -196,7 +196,7 @@ def bench_sampler(argv):
     import argparse
     import json as _json
 
-    from rl.sampler import build_generation_config, pad_id_of, sample
+    from model.sample import build_generation_config, pad_id_of, sample
 
     ap = argparse.ArgumentParser(prog="python -m eval.bench sampler")
     ap.add_argument("--device", default="auto", help="auto, cpu or cuda")
@@ -457,15 +457,15 @@ def bench_trl(argv):
         from trl import GRPOConfig, GRPOTrainer
     except ImportError as e:
         raise SystemExit(f"this comparison needs TRL ({e}): pip install trl datasets")
-    from data.calls import render_prompt
+    from data.calls import PromptFormat, render_prompt
     from data.default import load_default
     from model.load import load
     from rl.reward import reward
 
     model, tokenizer = load("smollm2-135m", dtype="float32")
     records = [r for r in load_default("train") if r.get("difficulty") == "easy"][:64]
-    prompts = [render_prompt(tokenizer, r["messages"], r["tools"], answer_format="think", tools_as="python",
-                             prefill="<think>") for r in records]
+    prompt_format = PromptFormat(answer_format="think", tools_as="python", prefill="<think>")
+    prompts = [render_prompt(tokenizer, r["messages"], r["tools"], prompt_format) for r in records]
     record_of = dict(zip(prompts, records))
 
     def reward_fn(prompts, completions, **_):

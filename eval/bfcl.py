@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import json
 import os
 import random
@@ -32,7 +33,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from data.calls import check_calls, decode_bfcl_result, render_prompt
+from data.calls import PromptFormat, check_calls, decode_bfcl_result, flatten_question, reason_code, render_prompt
 
 # single-turn categories scored here; "simple" is accepted as a short name for simple_python
 AST_CATEGORIES = ("simple_python", "multiple", "parallel", "parallel_multiple", "live_simple", "live_multiple",
@@ -76,15 +77,6 @@ def _read_jsonl(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def _flatten_question(question) -> list[dict]:
-    if isinstance(question, str):
-        return [{"role": "user", "content": question}]
-    out = []
-    for item in question:
-        out.extend(_flatten_question(item) if isinstance(item, list) else [item])
-    return out
-
-
 def load_category(category: str, data_dir: str | None = None, limit: int | None = None) -> list[dict]:
     """Items of one category: {"id", "question" (flat list of chat messages), "function" (tool schemas),
     "ground_truth" (list of {name: {param: [allowed]}}; None for irrelevance/relevance), "category"}."""
@@ -107,7 +99,7 @@ def load_category(category: str, data_dir: str | None = None, limit: int | None 
         if len(answers) != len(entries):
             raise BFCLDataError(f"{path} has {len(entries)} entries but {answer_path} has {len(answers)}")
     # BFCL pairs questions and answers by position (some answer ids are spelled differently)
-    items = [{"id": e["id"], "question": _flatten_question(e["question"]), "function": e["function"],
+    items = [{"id": e["id"], "question": flatten_question(e["question"]), "function": e["function"],
               "ground_truth": gt, "category": category} for e, gt in zip(entries, answers)]
     return items[:limit] if limit is not None else items
 
@@ -128,7 +120,7 @@ def score_results(items: list[dict], results: list[dict]) -> dict:
         ok, reason = check_calls(calls, item["ground_truth"] or [], item["function"], item["category"])
         per_id[rid] = ok
         if not ok:
-            reasons[reason.split(": ", 1)[0]] += 1
+            reasons[reason_code(reason)] += 1
     correct = sum(per_id.values())
     total = len(per_id)
     return {"accuracy": correct / total if total else 0.0, "correct": correct, "total": total,
@@ -225,7 +217,7 @@ def generate_texts(model, tokenizer, prompts: list[str], max_new_tokens: int = 2
     they generated so far. A batch otherwise decodes until its longest row ends, and small models often ramble on
     after </answer>: this is what keeps a CPU evaluation within minutes. BFCL scoring reads only the first
     <answer> block, so its verdicts are unchanged (greedy); the strict format check then sees no trailing text."""
-    from rl.sampler import eos_token_ids, sample
+    from model.sample import eos_token_ids, sample
 
     eos = set(eos_token_ids(model, tokenizer))
     prompt_ids = [tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
@@ -260,28 +252,27 @@ def generate_texts(model, tokenizer, prompts: list[str], max_new_tokens: int = 2
     return texts
 
 
-def item_prompt(tokenizer, item: dict, answer_format: str, tools_as: str, prefill: str) -> str:
-    return render_prompt(tokenizer, item["question"], item["function"], answer_format=answer_format,
-                         tools_as=tools_as, prefill=prefill)
+def item_prompt(tokenizer, item: dict, prompt_format: PromptFormat) -> str:
+    return render_prompt(tokenizer, item["question"], item["function"], prompt_format)
 
 
 # ----------------------------------------------------------------------------------------------------
 # Used by train.py: held-out records and fixed BFCL subsets, greedy
 
-def evaluate_records(model, tokenizer, records: list[dict], answer_format: str = "think", tools_as: str = "json",
-                     prefill: str = "", max_new_tokens: int = 256, batch_size: int = 16) -> dict:
+def evaluate_records(model, tokenizer, records: list[dict], prompt_format: PromptFormat = PromptFormat(),
+                     max_new_tokens: int = 256, batch_size: int = 16) -> dict:
     """Greedy accuracy on canonical records (data/ format), scored with the training reward (format gate + checker)
     on prefill + completion. -> {"correct", "total", "per_category": {cat: [correct, total]}, "outputs"}."""
     from rl.reward import reward
 
     if not records:
         return {"correct": 0, "total": 0, "per_category": {}, "outputs": []}
-    prompts = [render_prompt(tokenizer, r["messages"], r["tools"], answer_format=answer_format, tools_as=tools_as,
-                             prefill=prefill) for r in records]
+    prefill = prompt_format.prefill
+    prompts = [render_prompt(tokenizer, r["messages"], r["tools"], prompt_format) for r in records]
     texts = generate_texts(model, tokenizer, prompts, max_new_tokens, batch_size)
     per_category, correct = {}, 0
     for record, text in zip(records, texts):
-        ok = reward(prefill + text, record, answer_format=answer_format)[0] >= 1.0
+        ok = reward(prefill + text, record, answer_format=prompt_format.answer_format)[0] >= 1.0
         counts = per_category.setdefault(record.get("category", "unknown"), [0, 0])
         counts[0] += int(ok)
         counts[1] += 1
@@ -291,8 +282,8 @@ def evaluate_records(model, tokenizer, records: list[dict], answer_format: str =
 
 
 def evaluate_bfcl(model, tokenizer, categories: list[str], limit: int, rank: int = 0, world: int = 1,
-                  all_reduce=lambda t: t, answer_format: str = "think", tools_as: str = "json", prefill: str = "",
-                  max_new_tokens: int = 256, batch_size: int = 16, data_dir: str | None = None) -> dict:
+                  all_reduce=lambda t: t, prompt_format: PromptFormat = PromptFormat(), max_new_tokens: int = 256,
+                  batch_size: int = 16, data_dir: str | None = None) -> dict:
     """Greedy BFCL accuracy per category on the fixed subset select_subset(items, limit) (seed 0: the same items on
     every call and as `run --limit`), scored like `run` (BFCL decoding of prefill + completion). Items are
     sharded items[rank::world]; [correct, total] counts are summed with all_reduce. -> {category: accuracy}.
@@ -301,9 +292,10 @@ def evaluate_bfcl(model, tokenizer, categories: list[str], limit: int, rank: int
     items = []
     for category in categories:
         items += select_subset(load_category(category, data_dir), limit)[rank::world]
-    prompts = [item_prompt(tokenizer, it, answer_format, tools_as, prefill) for it in items]
-    texts = generate_texts(model, tokenizer, prompts, max_new_tokens, batch_size, stop_at_answer=answer_format == "think",
-                           prefill=prefill) if items else []
+    prefill = prompt_format.prefill
+    prompts = [item_prompt(tokenizer, it, prompt_format) for it in items]
+    texts = generate_texts(model, tokenizer, prompts, max_new_tokens, batch_size,
+                           stop_at_answer=prompt_format.answer_format == "think", prefill=prefill) if items else []
     counts = torch.zeros(len(categories), 2, dtype=torch.float64)  # [C, (correct, total)]
     for item, text in zip(items, texts):
         c = categories.index(item["category"])
@@ -446,14 +438,17 @@ def report_markdown(report: dict) -> str:
 # ----------------------------------------------------------------------------------------------------
 # run
 
-def resolve_settings(args, model_dir: str | None) -> dict:
-    """answer_format / tools_as / prefill: the flags, else what a run checkpoint was trained with
-    (run_config.json), else think / json / "<think>" (with think) or "" (with plain)."""
-    trained = {}
-    path = os.path.join(model_dir, "run_config.json") if model_dir else None
-    if path and os.path.isfile(path):
-        config = json.load(open(path))
-        trained = {k: config[k] for k in ("answer_format", "tools_as", "prefill") if k in config}
+def resolve_settings(args, model_dir: str | None) -> PromptFormat:
+    """The prompt format: the flags, else what a run checkpoint was trained with (prompt_format.json, or the
+    run_config.json of older checkpoints), else think / json / "<think>" (with think) or "" (with plain)."""
+    trained, path = {}, None
+    for name in ("prompt_format.json", "run_config.json"):
+        candidate = os.path.join(model_dir, name) if model_dir else None
+        if candidate and os.path.isfile(candidate):
+            config = json.load(open(candidate))
+            trained = {k: config[k] for k in ("answer_format", "tools_as", "prefill") if k in config}
+            path = candidate
+            break
     answer_format = args.answer_format or trained.get("answer_format", "think")
     tools_as = args.tools_as or trained.get("tools_as", "json")
     if args.prefill is not None:
@@ -466,7 +461,7 @@ def resolve_settings(args, model_dir: str | None) -> dict:
         print(f"[bfcl] {path}: trained with answer_format={trained.get('answer_format')!r}, "
               f"tools_as={trained.get('tools_as')!r}, prefill={trained.get('prefill')!r}; using answer_format="
               f"{answer_format!r}, tools_as={tools_as!r}, prefill={prefill!r}")
-    return {"answer_format": answer_format, "tools_as": tools_as, "prefill": prefill}
+    return PromptFormat(answer_format, tools_as, prefill)
 
 
 def _model_dir(name: str) -> str | None:
@@ -474,7 +469,7 @@ def _model_dir(name: str) -> str | None:
     if not os.path.isdir(name):
         return None
     if os.path.isdir(os.path.join(name, "checkpoints")) and not os.path.exists(os.path.join(name, "model.safetensors")):
-        from model.load import latest_checkpoint
+        from model.checkpoint import latest_checkpoint
         ckpt = latest_checkpoint(name)
         if ckpt is None:
             raise BFCLDataError(f"{name} is a run directory without a complete checkpoint; pass a checkpoint "
@@ -498,7 +493,8 @@ def cmd_run(args) -> dict:
                             f"{INSTALL} (then leave out --data-dir)")
     selected = {c: select_subset(load_category(c, data_dir), args.limit) for c in categories}
     model_dir = _model_dir(args.model)
-    settings = resolve_settings(args, model_dir)
+    prompt_format = resolve_settings(args, model_dir)
+    settings = dict(dataclasses.asdict(prompt_format))
     settings.update(stop_at_answer=settings["answer_format"] == "think" and not args.no_stop_at_answer,
                     max_new_tokens=args.max_new_tokens, limit=args.limit, batch_size=args.batch_size,
                     decoding=f"sampled (temperature {args.temperature}, seed {args.seed})" if args.sample else "greedy")
@@ -518,8 +514,7 @@ def cmd_run(args) -> dict:
     for category, items in selected.items():
         bar.set_postfix_str(category)
         t0 = time.time()
-        prompts = [item_prompt(tokenizer, it, settings["answer_format"], settings["tools_as"], settings["prefill"])
-                   for it in items]
+        prompts = [item_prompt(tokenizer, it, prompt_format) for it in items]
         texts = generate_texts(model, tokenizer, prompts, args.max_new_tokens, args.batch_size,
                                greedy=not args.sample, temperature=args.temperature, seed=args.seed,
                                stop_at_answer=settings["stop_at_answer"], prefill=settings["prefill"], bar=bar)

@@ -99,7 +99,7 @@ def completion_logprobs(model, prompt_ids: list[list[int]], completion_ids: list
 
     logp is differentiable (body and lm_head, tied or not); entropy is detached. Split per sequence with
     logp.split(lengths). `vocab_size` restricts the softmax to the tokenizer's real vocabulary (the rows the
-    sampler can emit; see rl.sampler.real_vocab_size), so trainer and sampler score the same distribution.
+    sampler can emit; see model.sample.real_vocab_size), so trainer and sampler score the same distribution.
     """
     head = model.get_output_embeddings()
     if getattr(head, "bias", None) is not None:
@@ -158,3 +158,28 @@ def shared_prompt_logprobs(model, prompt_ids: list[list[int]], completion_ids: l
     weight = head.weight if vocab_size is None else head.weight[:vocab_size]
     logp, entropy = logprob_entropy(hidden, weight, targets, temperature=temperature, with_entropy=with_entropy)
     return logp, entropy, [len(c) for c in completion_ids]
+
+
+class PolicyScorer(torch.nn.Module):
+    """Per-token log-probs (and detached entropies) of completions under a policy, as a module: DDP's gradient
+    all-reduce and FSDP's unshard/reshard hooks need the training forward to go through a module's forward."""
+
+    def __init__(self, policy, vocab_size: int, share_prompt_kv: bool = True):
+        super().__init__()
+        self.policy, self.vocab_size, self.share_prompt_kv = policy, vocab_size, share_prompt_kv
+
+    def forward(self, prompts, completions, *, temperature: float = 1.0, with_entropy: bool = False,
+                grouped: bool = False):
+        """grouped: G consecutive completions share a prompt (rollouts), so its forward can be shared."""
+        if grouped and self.share_prompt_kv:
+            return shared_prompt_logprobs(self.policy, prompts, completions, temperature, with_entropy,
+                                          self.vocab_size)
+        return completion_logprobs(self.policy, prompts, completions, temperature, with_entropy,
+                                   vocab_size=self.vocab_size)
+
+
+def pad_rows(flat: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Scatter a flat [N] tensor of completion tokens into [S, T] at mask's 1s (detached, fp32)."""
+    out = torch.zeros(mask.shape, device=mask.device, dtype=torch.float32)
+    out[mask.bool()] = flat.detach().float().to(mask.device)
+    return out

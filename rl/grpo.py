@@ -11,16 +11,6 @@ group whose rewards are all equal has A = 0 and gets no bonus: no gradient at al
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
-
-
-def finite_on_all_ranks(value: torch.Tensor) -> bool:
-    """True when `value` is finite on every rank. Ranks must agree before skipping an update: a rank that
-    skipped a backward alone would leave the others waiting forever in the gradient all-reduce."""
-    ok = torch.isfinite(value.detach()).all().to(torch.float32).reshape(1)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-    return bool(ok.item())
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, std_norm: bool = True, eps: float = 1e-6):

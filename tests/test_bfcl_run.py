@@ -1,5 +1,5 @@
 """eval/bfcl.py: `run` end to end, the summary columns, `compare`, bad input, and the evaluation functions
-train.py uses. Generation is either the tiny random model (garbage text) or a stand-in for rl.sampler.sample
+train.py uses. Generation is either the tiny random model (garbage text) or a stand-in for model.sample.sample
 that answers chosen texts, so the scoring is checked on known outputs."""
 import json
 import os
@@ -8,11 +8,11 @@ import pytest
 import torch
 
 import eval.bfcl as bfcl
-import rl.sampler
+import model.sample
 from data.calls import format_calls, render_prompt
 from eval.bfcl import (BFCLDataError, evaluate_bfcl, evaluate_records, find_data_dir, main, select_subset,
                        summarize)
-from rl.sampler import Rollouts
+from model.sample import Rollouts
 
 PICK = {"simple_python": 3, "multiple": 2, "live_simple": 2, "irrelevance": 2, "live_relevance": 1}
 
@@ -65,7 +65,7 @@ def _right_text(item: dict) -> str:
 
 
 def _fake_sample(answer_for):
-    """A stand-in for rl.sampler.sample: answer_for(prompt text) -> the completion the "model" writes for it.
+    """A stand-in for model.sample.sample: answer_for(prompt text) -> the completion the "model" writes for it.
     Like the real sampler it returns at most max_new_tokens ids, ending with EOS when the text is done, and picks up
     where a continued prompt (prompt + part of the completion) left off."""
     seen = []
@@ -169,7 +169,7 @@ def test_run_end_to_end_tiny_model(tiny_dir, data_dir, tmp_path, capsys):
 
 def test_run_scores_right_and_wrong_answers(tiny_dir, data_dir, tmp_path, monkeypatch):
     items = _all_items(data_dir)
-    monkeypatch.setattr(rl.sampler, "sample", _fake_sample(_answers_by_question(items)))
+    monkeypatch.setattr(model.sample, "sample", _fake_sample(_answers_by_question(items)))
     out = str(tmp_path / "right")
     report = main(["run", "--model", tiny_dir, "--categories", ",".join(PICK), "--out", out, "--data-dir", data_dir,
                    "--batch-size", "3"])
@@ -179,7 +179,7 @@ def test_run_scores_right_and_wrong_answers(tiny_dir, data_dir, tmp_path, monkey
     assert report["summary"]["non_live_ast"]["value"] == 1.0 and report["summary"]["relevance"]["value"] == 1.0
     # empty and garbage completions: scored as wrong, no crash; irrelevance right (no call), relevance wrong
     garbage = iter(["", "((([[[<answer>", "\x00\ufffd" * 50, "[f(x=)]", "</think><answer>[[[</answer>"] * 10)
-    monkeypatch.setattr(rl.sampler, "sample", _fake_sample(lambda p: next(garbage)))
+    monkeypatch.setattr(model.sample, "sample", _fake_sample(lambda p: next(garbage)))
     report = main(["run", "--model", tiny_dir, "--categories", ",".join(PICK), "--out", str(tmp_path / "bad"),
                    "--data-dir", data_dir, "--answer-format", "plain", "--prefill", ""])
     acc = {c: r["accuracy"] for c, r in report["categories"].items()}
@@ -244,7 +244,7 @@ def test_evaluate_records_and_bfcl(tiny_model, tiny_tokenizer, data_dir, monkeyp
     # a model that always answers right scores 1.0 (the reward sees prefill + completion)
     right = {"Weather in Oslo?": "ok</think><answer>[get_weather(city='Oslo')]</answer>",
              "Tell me a joke.": "no tool</think><answer>None of the functions fits.</answer>"}
-    monkeypatch.setattr(rl.sampler, "sample", _fake_sample(lambda p: next(v for k, v in right.items() if k in p)))
+    monkeypatch.setattr(model.sample, "sample", _fake_sample(lambda p: next(v for k, v in right.items() if k in p)))
     out = evaluate_records(tiny_model, tiny_tokenizer, records, prefill="<think>")
     assert (out["correct"], out["total"]) == (2, 2)
     assert out["per_category"] == {"simple": [1, 1], "irrelevance": [1, 1]}
@@ -252,7 +252,7 @@ def test_evaluate_records_and_bfcl(tiny_model, tiny_tokenizer, data_dir, monkeyp
     # BFCL subsets: every item right -> 1.0; sharded over 2 ranks, the shards split the same fixed subset
     items = _all_items(data_dir)
     fake = _fake_sample(_answers_by_question(items))
-    monkeypatch.setattr(rl.sampler, "sample", fake)
+    monkeypatch.setattr(model.sample, "sample", fake)
     reduced = []
 
     def all_reduce(t):
@@ -270,7 +270,7 @@ def test_evaluate_records_and_bfcl(tiny_model, tiny_tokenizer, data_dir, monkeyp
     assert acc == {c: 1.0 for c in cats}
     assert sorted(fake.seen) == sorted(first)  # the same subset every call, and the shards cover it exactly once
     # garbage is wrong on AST and relevance, and right on irrelevance
-    monkeypatch.setattr(rl.sampler, "sample", _fake_sample(lambda p: "<<garbage"))
+    monkeypatch.setattr(model.sample, "sample", _fake_sample(lambda p: "<<garbage"))
     acc = evaluate_bfcl(tiny_model, tiny_tokenizer, cats, limit=2, prefill="<think>", data_dir=data_dir)
     assert acc == {"simple_python": 0.0, "live_relevance": 0.0, "irrelevance": 1.0}
 
@@ -289,7 +289,7 @@ def test_generate_texts_rounds(tiny_model, tiny_tokenizer, monkeypatch):
     writes = {"Weather?": "x</think><answer>[f(a=1)]</answer> and then it goes on and on and on",
               "Hi": "</answer> is not an answer block <answer>[g()]</answer>tail"}
     fake = _fake_sample(lambda p: next((v for k, v in writes.items() if k in p), "ramble " * 20))
-    monkeypatch.setattr(rl.sampler, "sample", fake)
+    monkeypatch.setattr(model.sample, "sample", fake)
     texts = bfcl.generate_texts(tiny_model, tiny_tokenizer, prompts, max_new_tokens=60, batch_size=3,
                                 stop_at_answer=True, prefill="<think>")
     assert texts[0] == "x</think><answer>[f(a=1)]</answer>"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from rl.cli import ConfigError, config_to_json, field_comments, parse_config
+from rl.config_cli import ConfigError, config_to_json, field_comments, parse_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -148,7 +148,7 @@ def test_think_token_mask(tiny_tokenizer):
 def _finite_worker(rank, init_file, results):
     import torch.distributed as dist
 
-    from rl.grpo import finite_on_all_ranks
+    from rl.dist import finite_on_all_ranks
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
         both_fine = finite_on_all_ranks(torch.tensor(1.0))
@@ -161,7 +161,7 @@ def _finite_worker(rank, init_file, results):
 def test_finite_on_all_ranks_agrees_across_processes(tmp_path):
     """One rank's NaN makes every rank skip: a lone skip would hang the others in the gradient all-reduce."""
     import torch.multiprocessing as mp
-    from rl.grpo import finite_on_all_ranks
+    from rl.dist import finite_on_all_ranks
     assert finite_on_all_ranks(torch.tensor([1.0, 2.0])) and not finite_on_all_ranks(torch.tensor(float("inf")))
     results = mp.Manager().dict()
     mp.spawn(_finite_worker, args=(str(tmp_path / "init"), results), nprocs=2, join=True)

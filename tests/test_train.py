@@ -155,16 +155,17 @@ def test_non_finite_update_is_skipped_counted_and_training_goes_on(where, tiny_d
                                                                    capsys):
     """The first update's loss (or gradient norm) is made NaN: that update is skipped and counted, the parameters
     stay as they were, and the next step trains normally. In-process, so the fault can be injected."""
+    import rl.update
     import train
     calls = {"n": 0}
     if where == "loss":
-        real = train.aggregate
+        real = rl.update.aggregate
 
         def faulty(*a, **kw):
             calls["n"] += 1
             out = real(*a, **kw)
             return out * float("nan") if calls["n"] == 1 else out
-        monkeypatch.setattr(train, "aggregate", faulty)
+        monkeypatch.setattr(rl.update, "aggregate", faulty)
     else:
         real = torch.nn.utils.clip_grad_norm_
 

@@ -1,5 +1,6 @@
-"""A flat config dataclass <-> command line: `--field value` overrides, `--help` lists every field with its
-default and the one-line comment written next to it in the dataclass source."""
+"""The command line of a flat config dataclass (train.py's Config): `--field value` overrides, `--help` lists
+every field with its default and the one-line comment written next to it in the dataclass source; values the
+dataclass refuses at construction exit with its message."""
 from __future__ import annotations
 
 import dataclasses
@@ -104,12 +105,10 @@ def parse_config(cls, argv: list[str] | None = None, prog: str = "train.py"):
             text = argv[i]
         values[name] = _parse_value(key, text, typ)
         i += 1
-    config = cls(**values)
-    if hasattr(config, "validate"):
-        problem = config.validate()
-        if problem:
-            raise ConfigError(f"bad configuration: {problem}")
-    return config
+    try:
+        return cls(**values)  # the dataclass checks its values at construction (__post_init__)
+    except ValueError as e:
+        raise ConfigError(f"bad configuration: {e}") from None
 
 
 def config_to_json(config) -> str:

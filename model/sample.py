@@ -19,7 +19,7 @@ What this module guarantees, and why each point matters:
     inputs -> same rollouts on CPU. Under torchrun, pass `rank_seed(seed, step, rank)` and a `shard_indices`
     shard of the prompts.
 
-    from rl.sampler import sample
+    from model.sample import sample
     rollouts = sample(model, tokenizer, prompt_ids, group_size=8, max_new_tokens=256, temperature=0.7)
 """
 from __future__ import annotations

@@ -3,7 +3,7 @@ import importlib.util
 import pytest
 import torch
 
-from rl.sampler import (_generate_batch, _processors, build_generation_config, eos_token_ids, logprob_gap,
+from model.sample import (_generate_batch, _processors, build_generation_config, eos_token_ids, logprob_gap,
                         micro_batches, pad_id_of, rank_seed, real_vocab_size, sample, shard_indices)
 
 PROMPTS = ["call get_weather for Paris", "hi", "a somewhat longer prompt, with a tool list: [f(x), g(y)]"]
