@@ -44,9 +44,9 @@ MAX_STR_CHARS = 100_000      # constant folding: no string longer than this
 
 
 def reason_code(reason: str) -> str:
-    """The code of a reason ("wrong_value: x=3 ..." -> "wrong_value", "format:no_think" stays whole); the empty
-    reason of a right answer is "correct". Metrics and reports count reasons by this code."""
-    return reason.split(": ", 1)[0] if reason else "correct"
+    """The code of a reason, the key metrics and reports count it under: "wrong_value: x=3 ..." -> "wrong_value";
+    "format:no_think" stays whole."""
+    return reason.split(": ", 1)[0]
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -23,20 +23,14 @@ import json
 import math
 import re
 
+from data.calls import TYPES
+
 CATEGORIES = ("simple", "multiple", "parallel", "parallel_multiple", "irrelevance")
 ROLES = ("system", "user", "assistant", "tool")
 
-# JSON Schema names and the dialects we meet in the wild (BFCL, Python annotations) -> one name.
-# None means "any value".
-TYPE_NAMES = {
-    "object": "object", "dict": "object",
-    "integer": "integer", "int": "integer",
-    "number": "number", "float": "number", "double": "number",
-    "string": "string", "str": "string",
-    "boolean": "boolean", "bool": "boolean",
-    "array": "array", "list": "array", "tuple": "array",
-    "null": "null", "any": None,
-}
+# JSON Schema names and the dialects we meet in the wild (BFCL, Python annotations) -> one name (the JSON
+# Schema column of data.calls.TYPES). None means "any value".
+TYPE_NAMES = {name: json_name for name, (json_name, _, _) in TYPES.items()}
 _INT_RE = re.compile(r"[+-]?\d+")
 _NUM_RE = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 

@@ -31,7 +31,7 @@ def step_metrics(batch: RolloutBatch, advantages: torch.Tensor, stats: dict, d) 
     update["logp_gap_max"] = d.all_reduce(torch.tensor(stats["logp_gap_max"]), "max").item()
 
     # per-completion facts from every rank (small: a few numbers and strings per completion)
-    local = [(rec.get("category", "unknown"), r, reason_code(why), length, cut) for rec, r, why, length, cut
+    local = [(rec.get("category", "unknown"), r, reason_code(why) if why else "correct", length, cut) for rec, r, why, length, cut
              in zip(batch.records, batch.rewards, batch.reasons, batch.lengths, batch.truncated)]
     facts = [f for shard in d.gather_objects(local) for f in shard]
     total = max(len(facts), 1)

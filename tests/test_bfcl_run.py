@@ -9,7 +9,7 @@ import torch
 
 import eval.bfcl as bfcl
 import model.sample
-from data.calls import format_calls, render_prompt
+from data.calls import PromptFormat, format_calls, render_prompt
 from eval.bfcl import (BFCLDataError, evaluate_bfcl, evaluate_records, find_data_dir, main, select_subset,
                        summarize)
 from model.sample import Rollouts
@@ -237,7 +237,8 @@ def test_evaluate_records_and_bfcl(tiny_model, tiny_tokenizer, data_dir, monkeyp
                     "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}],
                 "answers": []}]
     # the real tiny model: garbage, scored, never a crash
-    out = evaluate_records(tiny_model, tiny_tokenizer, records, prefill="<think>", max_new_tokens=4, tools_as="python")
+    out = evaluate_records(tiny_model, tiny_tokenizer, records, PromptFormat(tools_as="python", prefill="<think>"),
+                           max_new_tokens=4)
     assert out["total"] == 2 and out["correct"] == 0 and len(out["outputs"]) == 2
     assert all(t.startswith("<think>") for t in out["outputs"])
     assert evaluate_records(tiny_model, tiny_tokenizer, [])["total"] == 0  # an empty shard on some rank
@@ -245,7 +246,7 @@ def test_evaluate_records_and_bfcl(tiny_model, tiny_tokenizer, data_dir, monkeyp
     right = {"Weather in Oslo?": "ok</think><answer>[get_weather(city='Oslo')]</answer>",
              "Tell me a joke.": "no tool</think><answer>None of the functions fits.</answer>"}
     monkeypatch.setattr(model.sample, "sample", _fake_sample(lambda p: next(v for k, v in right.items() if k in p)))
-    out = evaluate_records(tiny_model, tiny_tokenizer, records, prefill="<think>")
+    out = evaluate_records(tiny_model, tiny_tokenizer, records, PromptFormat(prefill="<think>"))
     assert (out["correct"], out["total"]) == (2, 2)
     assert out["per_category"] == {"simple": [1, 1], "irrelevance": [1, 1]}
 
@@ -261,22 +262,24 @@ def test_evaluate_records_and_bfcl(tiny_model, tiny_tokenizer, data_dir, monkeyp
     cats = ["simple_python", "live_relevance", "irrelevance"]
     for rank in (0, 1):  # this all_reduce does not sum, so each rank sees its own counts
         evaluate_bfcl(tiny_model, tiny_tokenizer, cats, limit=2, rank=rank, world=2, all_reduce=all_reduce,
-                      prefill="<think>", data_dir=data_dir)
+                      prompt_format=PromptFormat(prefill="<think>"), data_dir=data_dir)
     totals = reduced[0] + reduced[1]  # [C, (correct, total)]
     assert reduced[0].dtype == torch.float64 and totals.tolist() == [[2.0, 2.0], [1.0, 1.0], [2.0, 2.0]]
     first = list(fake.seen)
     fake.seen.clear()
-    acc = evaluate_bfcl(tiny_model, tiny_tokenizer, cats, limit=2, prefill="<think>", data_dir=data_dir)
+    acc = evaluate_bfcl(tiny_model, tiny_tokenizer, cats, limit=2, prompt_format=PromptFormat(prefill="<think>"),
+                        data_dir=data_dir)
     assert acc == {c: 1.0 for c in cats}
     assert sorted(fake.seen) == sorted(first)  # the same subset every call, and the shards cover it exactly once
     # garbage is wrong on AST and relevance, and right on irrelevance
     monkeypatch.setattr(model.sample, "sample", _fake_sample(lambda p: "<<garbage"))
-    acc = evaluate_bfcl(tiny_model, tiny_tokenizer, cats, limit=2, prefill="<think>", data_dir=data_dir)
+    acc = evaluate_bfcl(tiny_model, tiny_tokenizer, cats, limit=2, prompt_format=PromptFormat(prefill="<think>"),
+                        data_dir=data_dir)
     assert acc == {"simple_python": 0.0, "live_relevance": 0.0, "irrelevance": 1.0}
 
 
 def test_generate_texts_rounds(tiny_model, tiny_tokenizer, monkeypatch):
-    prompts = [render_prompt(tiny_tokenizer, q, [], tools_as="python", prefill="<think>")
+    prompts = [render_prompt(tiny_tokenizer, q, [], PromptFormat(tools_as="python", prefill="<think>"))
                for q in ("Weather?", "A longer question about the weather in Oslo?", "Hi")]
     one_pass = bfcl.generate_texts(tiny_model, tiny_tokenizer, prompts, max_new_tokens=5, batch_size=3)
     # greedy in rounds of 2 tokens, each continuing from prompt + text so far: the same text as one pass

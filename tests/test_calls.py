@@ -14,9 +14,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from data.calls import (MAX_TEXT_CHARS, REASON_CODES, bfcl_trim, build_messages, category_kind, check_calls,
-                        decode_bfcl_result, extract_answer, format_calls, ground_truth_from_answers, normalize_string,
-                        parse_completion, parse_python_calls, reason_code, render_prompt, system_prompt)
+from data.calls import (MAX_TEXT_CHARS, REASON_CODES, PromptFormat, bfcl_trim, build_messages, category_kind,
+                        check_calls, decode_bfcl_result, extract_answer, format_calls, ground_truth_from_answers,
+                        normalize_string, parse_completion, parse_python_calls, reason_code, render_prompt,
+                        system_prompt)
 
 WEATHER = {"name": "weather.get", "description": "Current weather for a city.",
            "parameters": {"type": "dict", "required": ["city"], "properties": {
@@ -67,7 +68,7 @@ def test_build_messages_system_and_turns():
 
 
 def test_render_prompt_chat_template_and_prefill(tiny_tokenizer):
-    text = render_prompt(tiny_tokenizer, "Weather in Paris?", [WEATHER], prefill="<think>")
+    text = render_prompt(tiny_tokenizer, "Weather in Paris?", [WEATHER], PromptFormat(prefill="<think>"))
     assert text.startswith("<|im_start|>system\n") and text.endswith("<|im_start|>assistant\n<think>")
     assert "Weather in Paris?" in text
 
@@ -79,7 +80,7 @@ def test_render_prompt_merges_system_when_template_has_no_system_role(tiny_token
                          "<{{ m['role'] }}>{{ m['content'] }}</{{ m['role'] }}>{% endfor %}"
                          "{% if add_generation_prompt %}<assistant>{% endif %}")
     text = render_prompt(tok, [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"},
-                               {"role": "user", "content": "Q2"}], [WEATHER], answer_format="plain")
+                               {"role": "user", "content": "Q2"}], [WEATHER], PromptFormat(answer_format="plain"))
     assert text.startswith("<user>You are an expert") and "weather.get" in text
     assert text.index("Q1") < text.index("A1") < text.index("Q2") and text.endswith("<assistant>")
 
