@@ -105,7 +105,8 @@ class Config:
         hints = typing.get_type_hints(type(self))
         for name, hint in hints.items():
             if typing.get_origin(hint) is Literal and getattr(self, name) not in typing.get_args(hint):
-                raise ValueError(f"{name} must be one of {', '.join(typing.get_args(hint))}, got {getattr(self, name)!r}")
+                choices = ", ".join(typing.get_args(hint))
+                raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
         checks = [
             (self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda"), "device must be auto, cpu or cuda"),
             (self.attn in ("auto", "sdpa", "eager", "flash_attention_2"),
@@ -185,8 +186,9 @@ def main(argv=None):
     vocab_size = real_vocab_size(tokenizer, policy)  # never score head rows the sampler cannot emit
     scorer = PolicyScorer(policy, vocab_size, cfg.share_prompt_kv)  # the scoring pass as a module DDP/FSDP can wrap
     train_scorer = wrap_for_training(scorer, policy, cfg.fsdp, d, device)
-    log(f"[train] policy {start_from} on {device} x{d.world}, {sum(p.numel() for p in policy.parameters()) / 1e6:.1f}M "
-        f"params, {len(train_records)} train / {len(val_records)} val records -> {run_dir}")
+    n_params = sum(p.numel() for p in policy.parameters())
+    log(f"[train] policy {start_from} on {device} x{d.world}, {n_params / 1e6:.1f}M params, {len(train_records)} "
+        f"train / {len(val_records)} val records -> {run_dir}")
 
     # ---------------------------------------------------------------- supervised warm-up (cold start)
     evals = {}

@@ -25,14 +25,15 @@ def step_metrics(batch: RolloutBatch, advantages: torch.Tensor, stats: dict, d) 
     statistics (the loss is a sum of per-rank shares, the other update statistics are averaged over ranks and
     updates). Every rank must call it (it all-reduces)."""
     n = max(stats["updates"], 1)
-    averaged = [k for k in ("loss", "kl", "clip_frac", "grad_norm", "bonus", "cot_entropy", "logp_gap_mean")]
+    averaged = ["loss", "kl", "clip_frac", "grad_norm", "bonus", "cot_entropy", "logp_gap_mean"]
     summed = d.all_reduce(torch.tensor([stats[k] for k in averaged], dtype=torch.float64))
     update = {k: v.item() / (1 if k == "loss" else d.world) / n for k, v in zip(averaged, summed)}
     update["logp_gap_max"] = d.all_reduce(torch.tensor(stats["logp_gap_max"]), "max").item()
 
     # per-completion facts from every rank (small: a few numbers and strings per completion)
-    local = [(rec.get("category", "unknown"), r, reason_code(why) if why else "correct", length, cut) for rec, r, why, length, cut
-             in zip(batch.records, batch.rewards, batch.reasons, batch.lengths, batch.truncated)]
+    local = [(rec.get("category", "unknown"), r, reason_code(why) if why else "correct", length, cut)
+             for rec, r, why, length, cut in zip(batch.records, batch.rewards, batch.reasons, batch.lengths,
+                                                 batch.truncated)]
     facts = [f for shard in d.gather_objects(local) for f in shard]
     total = max(len(facts), 1)
     reasons, by_category = {}, {}

@@ -299,3 +299,16 @@ def test_generate_texts_rounds(tiny_model, tiny_tokenizer, monkeypatch):
     assert texts[2] == "</answer> is not an answer block <answer>[g()]</answer>"
     assert texts[1] == ("ramble " * 20)[:60]
     assert sum("Weather?" in p for p in fake.seen) == 5  # 34 bytes up to the end of </answer>: 5 rounds of 8
+
+
+def test_prompt_format_comes_from_prompt_format_json_before_run_config(tmp_path, capsys):
+    """A checkpoint's prompt_format.json decides; a directory of an older run has only run_config.json."""
+    import argparse
+    no_flags = argparse.Namespace(answer_format=None, tools_as=None, prefill=None)
+    (tmp_path / "run_config.json").write_text(json.dumps({"answer_format": "think", "tools_as": "python",
+                                                          "prefill": "<think>"}))
+    assert bfcl.resolve_settings(no_flags, str(tmp_path)) == PromptFormat("think", "python", "<think>")
+    (tmp_path / "prompt_format.json").write_text(PromptFormat("plain", "json", "").to_json())
+    assert bfcl.resolve_settings(no_flags, str(tmp_path)) == PromptFormat("plain", "json", "")
+    assert "prompt_format.json" in capsys.readouterr().out
+    assert bfcl.resolve_settings(no_flags, None) == PromptFormat("think", "json", "<think>")

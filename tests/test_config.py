@@ -65,3 +65,35 @@ def test_ci_runs_the_readme_test_command():
     ci = (ROOT / ".ci" / "run").read_text()
     command = re.search(r"# README test command.*\n(.+)\n", ci).group(1).strip()
     assert command in readme
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("group_size", 1, "group_size must be >= 2"),
+    ("prompts_per_step", 0, "prompts_per_step must be >= 1"),
+    ("entropy_kappa", 0.5, "entropy_kappa must be >= 1"),
+    ("temperature", 0.0, "temperature must be > 0"),
+    ("ppo_epochs", 0, "minibatches and ppo_epochs must be >= 1"),
+    ("top_p", 1.5, "top_p must be in (0, 1]"),
+    ("eps_low", 1.0, "eps_low must be in [0, 1)"),
+    ("kl_coef", -0.1, "kl_coef and entropy_coef must be >= 0"),
+    ("max_new_tokens", 0, "max_new_tokens must be >= 1"),
+    ("max_refill_rounds", -1, "max_refill_rounds must be >= 0"),
+    ("keep_last", -1, "keep_last must be >= 0"),
+    ("difficulty", "trivial", "difficulty must be easy, medium, hard or all"),
+    ("dtype", "float8", "unknown dtype"),
+    ("entropy_mode", "sequence", "entropy_mode must be one of seq, token"),
+    ("tools_as", "yaml", "tools_as must be one of json, python"),
+])
+def test_invalid_values_raise_at_construction(field, value, message):
+    """Built in Python (as a fork or a test would), not only from the command line, a bad value raises at once."""
+    Config = _config_cls()
+    Config()  # the defaults are valid
+    with pytest.raises(ValueError, match=re.escape(message)):
+        Config(**{field: value})
+
+
+def test_prompt_format_of_a_config():
+    Config = _config_cls()
+    fmt = Config(answer_format="plain", tools_as="json", prefill="").prompt_format
+    assert (fmt.answer_format, fmt.tools_as, fmt.prefill) == ("plain", "json", "")
+    assert Config().prompt_format.starts_in_think

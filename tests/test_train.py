@@ -81,6 +81,10 @@ def test_run_writes_config_metrics_samples_checkpoint(tiny_dir, tiny_data, tmp_p
     run = tmp_path / "run"
     config = json.loads((run / "config.json").read_text())
     assert config["steps"] == 2 and config["group_size"] == 4
+    # the prompt format travels with the run, the warmed-up policy and every checkpoint
+    saved = {"answer_format": "think", "tools_as": "python", "prefill": "<think>"}
+    for where in (run, run / "warmup", run / "checkpoints" / "step-000002"):
+        assert json.loads((where / "prompt_format.json").read_text()) == saved, where
     rows = _rl_rows(run)
     assert [r["step"] for r in rows] == [1, 2]
     for key in ("reward", "kl", "cot_entropy", "clip_frac", "grad_norm", "zero_var_frac", "logp_gap_mean", "lr",
