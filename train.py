@@ -25,9 +25,9 @@ from data.calls import PromptFormat
 from data.default import load_default, load_records
 from model.checkpoint import (drop_rows_after, latest_checkpoint, prune_checkpoints, resume_training,
                               save_training_checkpoint, save_warmed_up_policy)
-from model.load import ModelLoadError, load_model, load_tokenizer, pick_device, pick_dtype
+from model.load import autocast_to, load_model, load_tokenizer, pick_device, pick_dtype
 from model.sample import real_vocab_size
-from model.score import PolicyScorer
+from model.score import PolicyScorer, describe_paths
 from rl.config_cli import config_to_json, parse_config
 from rl.dist import Dist, full_params, init_distributed, wrap_for_training
 from rl.grpo import group_advantages
@@ -46,7 +46,7 @@ class Config:
     out_dir: str = "runs/default"  # run directory: config.json, metrics.jsonl, samples.jsonl, checkpoints/, plots
     seed: int = 0  # seeds data order, sampling (per step and rank) and init
     device: str = "auto"  # auto (cuda if available, else cpu), cpu, cuda
-    dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16
+    dtype: str = "auto"  # compute dtype: auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16 (fp32 masters kept)
     attn: str = "auto"  # auto (flash_attention_2 if importable on CUDA, else sdpa), sdpa, eager
     cache_dir: str = ""  # where smollm2-135m is converted on first use (default $FUNRL_CACHE or ~/.cache/funrl)
     # --- data and prompt ---
@@ -88,8 +88,9 @@ class Config:
     max_refill_rounds: int = 4  # dynamic sampling: at most this many extra sampling rounds per step
     grad_checkpointing: bool = False  # recompute activations in backward (less memory, ~30% slower)
     fsdp: bool = False  # shard the policy with FSDP2 (multi-GPU, models that do not fit one GPU)
+    micro_batch_tokens: int = 0  # tokens per scoring/update micro-batch, gradients accumulated (0 = no limit)
     sampler_token_budget: int = 65536  # tokens (batch x (prompt + new)) per generate call; bounds memory
-    share_prompt_kv: bool = True  # score a group's prompt once and reuse its KV cache for the G completions
+    share_prompt_kv: bool = True  # score a group's prompt once for its G completions (its KV cache; not under fsdp)
     # --- evaluation, logging, checkpoints ---
     eval_every: int = 0  # evaluate every N RL steps (0 = only before and after training)
     eval_limit: int = 40  # held-out records per evaluation (greedy; 0 = no evaluation)
@@ -130,6 +131,7 @@ class Config:
              "entropy_kappa must be >= 1, or the bonus could flip the sign of a negative advantage"),
             (self.max_refill_rounds >= 0, "max_refill_rounds must be >= 0"),
             (self.sampler_token_budget >= 1, "sampler_token_budget must be >= 1"),
+            (self.micro_batch_tokens >= 0, "micro_batch_tokens must be >= 0 (0 = no limit)"),
             (min(self.eval_every, self.eval_limit, self.sample_every, self.save_every) >= 0,
              "eval_every, eval_limit, sample_every and save_every must be >= 0"),
             (self.eval_bfcl_limit >= 1, "eval_bfcl_limit must be >= 1"),
@@ -138,11 +140,9 @@ class Config:
         for ok, problem in checks:
             if not ok:
                 raise ValueError(problem)
-        if self.dtype != "auto":
-            try:
-                pick_dtype(self.dtype, torch.device("cpu"))
-            except ModelLoadError as e:
-                raise ValueError(str(e)) from None
+        if self.dtype not in ("auto", "float32", "fp32", "bfloat16", "bf16"):
+            raise ValueError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r} (float16 training would "
+                             "need loss scaling; bfloat16 does not)")
 
     @property
     def prompt_format(self) -> PromptFormat:
@@ -152,7 +152,7 @@ class Config:
 def main(argv=None):
     cfg = parse_config(Config, argv)
     device = pick_device(cfg.device)
-    d = init_distributed(device)
+    d = init_distributed(device, cfg.fsdp)
     log = tqdm.write if d.master else (lambda msg: None)
     run_dir = Path(cfg.out_dir)
     if not cfg.resume and ((run_dir / "metrics.jsonl").exists() or (run_dir / "checkpoints").exists()):
@@ -180,13 +180,18 @@ def main(argv=None):
     start_from = str(resume_from) if resume_from else (str(warm_dir) if (warm_dir / "config.json").is_file()
                                                         else cfg.model)
     tokenizer = load_tokenizer(cfg.model if start_from == cfg.model else start_from, cfg.cache_dir or None)
-    policy = load_model(start_from, device, cfg.dtype, cfg.attn, cfg.cache_dir or None)
+    # mixed precision: the policy's master weights and optimizer state in fp32, its matmuls in the compute dtype
+    compute_dtype = pick_dtype(cfg.dtype, device)
+    policy = load_model(start_from, device, "float32", cfg.attn, cfg.cache_dir or None)
     if cfg.grad_checkpointing:
         policy.gradient_checkpointing_enable()
     vocab_size = real_vocab_size(tokenizer, policy)  # never score head rows the sampler cannot emit
-    scorer = PolicyScorer(policy, vocab_size, cfg.share_prompt_kv)  # the scoring pass as a module DDP/FSDP can wrap
-    train_scorer = wrap_for_training(scorer, policy, cfg.fsdp, d, device)
+    # Under FSDP every layer call is a collective, so a forward must call each layer equally often on every rank:
+    # the shared-prompt path calls the body twice per group, and ranks hold different numbers of groups.
+    scorer = PolicyScorer(policy, vocab_size, cfg.share_prompt_kv and not cfg.fsdp, compute_dtype)
+    train_scorer = wrap_for_training(scorer, policy, cfg.fsdp, d, device, compute_dtype)
     n_params = sum(p.numel() for p in policy.parameters())
+    log(f"[train] {describe_paths(policy, compute_dtype, cfg.fsdp)}")
     log(f"[train] policy {start_from} on {device} x{d.world}, {n_params / 1e6:.1f}M params, {len(train_records)} "
         f"train / {len(val_records)} val records -> {run_dir}")
 
@@ -204,8 +209,8 @@ def main(argv=None):
     if cfg.kl_coef > 0:  # the frozen reference is where RL starts: the warmed-up policy if there is one
         ref_source = str(warm_dir) if (warm_dir / "config.json").is_file() else cfg.model
         reference = load_model(ref_source, device, cfg.dtype, cfg.attn, cfg.cache_dir or None).eval()
-        reference.requires_grad_(False)
-        reference_scorer = PolicyScorer(reference, vocab_size, cfg.share_prompt_kv)
+        reference.requires_grad_(False)  # frozen: kept in the compute dtype, no master copy
+        reference_scorer = PolicyScorer(reference, vocab_size, cfg.share_prompt_kv, compute_dtype)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
     cursor = PromptCursor(train_records, cfg.seed)
@@ -224,7 +229,7 @@ def main(argv=None):
         # 1) rollouts: every rank samples and rewards its share of the step's prompts
         t0 = time.time()
         policy.eval()
-        with full_params(scorer, cfg.fsdp):
+        with full_params(scorer, cfg.fsdp), autocast_to(compute_dtype, device):
             batch = collect_rollouts(policy, tokenizer, cursor, step, cfg, d)
         t_sample = time.time() - t0
 
@@ -232,7 +237,7 @@ def main(argv=None):
         t1 = time.time()
         rewards = torch.tensor(batch.rewards, dtype=torch.float32)  # [S]
         advantages = group_advantages(rewards, cfg.group_size, std_norm=cfg.std_norm) if len(batch) else rewards
-        scored = score_rollouts(scorer, reference_scorer, batch, tokenizer, cfg)
+        scored = score_rollouts(scorer, reference_scorer, batch, tokenizer, cfg, d)
         t_score = time.time() - t1
 
         # 3) PPO-clip updates (on-policy by default: one update, ratio = 1); a non-finite one is skipped
@@ -305,17 +310,17 @@ def evaluate(model, root, tokenizer, val_records: list[dict], cfg: Config, d: Di
     if not val_records and not cfg.eval_bfcl:
         return {}
     model.eval()
-    with full_params(root, cfg.fsdp):
+    bfcl = {}
+    with full_params(root, cfg.fsdp), autocast_to(root.compute_dtype, next(model.parameters()).device):
         result = evaluate_records(model, tokenizer, val_records[d.rank::d.world], cfg.prompt_format,
                                   max_new_tokens=cfg.max_new_tokens)
+        if cfg.eval_bfcl:
+            bfcl = evaluate_bfcl(model, tokenizer, cfg.eval_bfcl.split(","), cfg.eval_bfcl_limit, rank=d.rank,
+                                 world=d.world, all_reduce=d.all_reduce, prompt_format=cfg.prompt_format,
+                                 max_new_tokens=cfg.max_new_tokens)
     counts = d.all_reduce(torch.tensor([result["correct"], result["total"]], dtype=torch.float64))
     out = {f"eval/{tag}/val_accuracy": (counts[0] / counts[1].clamp(min=1)).item()}
-    if cfg.eval_bfcl:
-        for category, accuracy in evaluate_bfcl(model, tokenizer, cfg.eval_bfcl.split(","), cfg.eval_bfcl_limit,
-                                                rank=d.rank, world=d.world, all_reduce=d.all_reduce,
-                                                prompt_format=cfg.prompt_format,
-                                                max_new_tokens=cfg.max_new_tokens).items():
-            out[f"eval/{tag}/bfcl_{category}"] = accuracy
+    out.update({f"eval/{tag}/bfcl_{category}": accuracy for category, accuracy in bfcl.items()})
     if d.master:
         tqdm.write(f"[eval] {tag}: " + ", ".join(f"{k.split('/')[-1]}={v:.3f}" for k, v in out.items()))
     return out

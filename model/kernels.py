@@ -396,6 +396,15 @@ def _triton_forward(hidden, weight, targets, temperature, with_entropy):
 _MM_OUT_DTYPE_OK = None  # whether torch.mm(..., out_dtype=float32) works for bf16/fp16 here (recent CUDA builds)
 
 
+def fp32_output_matmul_available(device: torch.device) -> bool:
+    """Whether this torch multiplies bf16 matrices into an fp32 result on `device` (else: a bf16 product)."""
+    if device.type != "cuda":
+        return False
+    probe = torch.ones(2, 2, device=device, dtype=torch.bfloat16)
+    _mm_fp32_out(probe, probe)
+    return bool(_MM_OUT_DTYPE_OK)
+
+
 def _mm_fp32_out(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b for low-precision a, b with an fp32 result (no rounding of the product to bf16) where torch
     supports it, else the low-precision product."""

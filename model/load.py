@@ -124,6 +124,11 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return table[dtype]
 
 
+def autocast_to(dtype: torch.dtype, device: torch.device):
+    """Mixed precision: matmuls in `dtype` (bf16) on fp32 master weights; a no-op for fp32."""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
 def flash_attn_available() -> bool:
     return importlib.util.find_spec("flash_attn") is not None
 

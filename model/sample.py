@@ -313,8 +313,11 @@ def _generate_batch(model, prompts, group_size, gen_config, procs, recorder, pad
     attention_mask = attention_mask.repeat_interleave(group_size, dim=0)
     if recorder is not None:
         recorder.pending, recorder.steps = None, []
+    # synced_gpus=False: transformers would otherwise turn it on for an FSDP-managed model and all-reduce a flag
+    # every decoding step; the trainer gathers full parameters around generation instead (rl.dist.full_params),
+    # so each rank decodes alone, however many calls and steps its share takes
     sequences = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=gen_config,
-                               logits_processor=procs, **kwargs)  # [B*G, P + T]
+                               logits_processor=procs, synced_gpus=False, **kwargs)  # [B*G, P + T]
     new_tokens = sequences[:, P:]
     logp = recorder.finish(new_tokens) if recorder is not None else None
     return new_tokens.cpu(), (logp.cpu() if logp is not None else None)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from model.kernels import logprob_entropy
+from model.load import autocast_to
 
 
 def _device(model) -> torch.device:
@@ -93,6 +94,24 @@ def completion_hidden(model, prompt_ids: list[list[int]], completion_ids: list[l
     return hidden, targets
 
 
+def head_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor, temperature: float, with_entropy: bool,
+                  vocab_size: int | None):
+    """(logp [N], entropy [N] or None) of `targets` from the body's hidden states [N, H], through the lm_head
+    rows of the real vocabulary. The kernel keeps its own precision (fp32 inside each tile): under autocast it
+    gets the head in the autocast dtype (a bf16 copy of fp32 master weights, as autocast would make for a
+    matmul) and runs with autocast off."""
+    head = model.get_output_embeddings()
+    if getattr(head, "bias", None) is not None:
+        raise NotImplementedError("lm_head with a bias is not supported by the fused log-prob kernel")
+    weight = head.weight if vocab_size is None else head.weight[:vocab_size]
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        weight, hidden = weight.to(dtype), hidden.to(dtype)
+    with torch.autocast(device_type, enabled=False):
+        return logprob_entropy(hidden, weight, targets, temperature=temperature, with_entropy=with_entropy)
+
+
 def completion_logprobs(model, prompt_ids: list[list[int]], completion_ids: list[list[int]], temperature: float = 1.0,
                         with_entropy: bool = True, pack: bool | None = None, vocab_size: int | None = None):
     """(logp [N], entropy [N] or None, lengths) of every completion token under `model` at `temperature`.
@@ -101,12 +120,8 @@ def completion_logprobs(model, prompt_ids: list[list[int]], completion_ids: list
     logp.split(lengths). `vocab_size` restricts the softmax to the tokenizer's real vocabulary (the rows the
     sampler can emit; see model.sample.real_vocab_size), so trainer and sampler score the same distribution.
     """
-    head = model.get_output_embeddings()
-    if getattr(head, "bias", None) is not None:
-        raise NotImplementedError("lm_head with a bias is not supported by the fused log-prob kernel")
     hidden, targets = completion_hidden(model, prompt_ids, completion_ids, pack=pack)
-    weight = head.weight if vocab_size is None else head.weight[:vocab_size]
-    logp, entropy = logprob_entropy(hidden, weight, targets, temperature=temperature, with_entropy=with_entropy)
+    logp, entropy = head_logprobs(model, hidden, targets, temperature, with_entropy, vocab_size)
     return logp, entropy, [len(c) for c in completion_ids]
 
 
@@ -155,8 +170,7 @@ def shared_prompt_logprobs(model, prompt_ids: list[list[int]], completion_ids: l
         return torch.zeros(0, device=device), (torch.zeros(0, device=device) if with_entropy else None), \
             [len(c) for c in completion_ids]
     hidden = torch.cat(hidden_parts, dim=0)  # [N, H]
-    weight = head.weight if vocab_size is None else head.weight[:vocab_size]
-    logp, entropy = logprob_entropy(hidden, weight, targets, temperature=temperature, with_entropy=with_entropy)
+    logp, entropy = head_logprobs(model, hidden, targets, temperature, with_entropy, vocab_size)
     return logp, entropy, [len(c) for c in completion_ids]
 
 
@@ -164,18 +178,47 @@ class PolicyScorer(torch.nn.Module):
     """Per-token log-probs (and detached entropies) of completions under a policy, as a module: DDP's gradient
     all-reduce and FSDP's unshard/reshard hooks need the training forward to go through a module's forward."""
 
-    def __init__(self, policy, vocab_size: int, share_prompt_kv: bool = True):
+    def __init__(self, policy, vocab_size: int, share_prompt_kv: bool = True,
+                 compute_dtype: torch.dtype = torch.float32):
         super().__init__()
         self.policy, self.vocab_size, self.share_prompt_kv = policy, vocab_size, share_prompt_kv
+        self.compute_dtype = compute_dtype  # below fp32: the forward runs under autocast (mixed precision)
 
     def forward(self, prompts, completions, *, temperature: float = 1.0, with_entropy: bool = False,
                 grouped: bool = False):
         """grouped: G consecutive completions share a prompt (rollouts), so its forward can be shared."""
-        if grouped and self.share_prompt_kv:
-            return shared_prompt_logprobs(self.policy, prompts, completions, temperature, with_entropy,
-                                          self.vocab_size)
-        return completion_logprobs(self.policy, prompts, completions, temperature, with_entropy,
-                                   vocab_size=self.vocab_size)
+        with autocast_to(self.compute_dtype, next(self.policy.parameters()).device):
+            if grouped and self.share_prompt_kv:
+                return shared_prompt_logprobs(self.policy, prompts, completions, temperature, with_entropy,
+                                              self.vocab_size)
+            return completion_logprobs(self.policy, prompts, completions, temperature, with_entropy,
+                                       vocab_size=self.vocab_size)
+
+
+def describe_paths(model, compute_dtype: torch.dtype, fsdp: bool = False) -> str:
+    """One line naming the attention, head-kernel and precision paths in use, with the reason for any fallback
+    to a slower one (logged once at start: a missing package must not silently cost speed or memory)."""
+    from model.kernels import fp32_output_matmul_available, pick_backend, triton_available
+
+    device = _device(model)
+    attn = _attn_implementation(model)
+    if attn.startswith("flash"):
+        attention = f"{attn}, packed scoring (no padding)"
+    else:
+        why = " (flash-attn not installed)" if device.type == "cuda" else ""
+        attention = f"{attn}, padded scoring{why}"
+    backend = pick_backend("auto", device)
+    head = f"{backend} log-prob/entropy kernel"
+    if device.type == "cuda" and backend == "torch":
+        head += " (triton not installed)"
+    if device.type == "cuda" and compute_dtype != torch.float32 and not fp32_output_matmul_available(device):
+        head += ", bf16 products (no fp32-output matmul in this torch)"
+    if compute_dtype == torch.float32:
+        precision = "fp32"
+    else:
+        how = "FSDP2 mixed precision" if fsdp else "autocast"
+        precision = f"{str(compute_dtype).removeprefix('torch.')} compute, fp32 master weights ({how})"
+    return f"attention: {attention} | head: {head} | precision: {precision}"
 
 
 def pad_rows(flat: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

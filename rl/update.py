@@ -1,7 +1,7 @@
 """One GRPO optimizer step on a rollout batch: the scoring passes before it and the PPO-clip update with its
 skip logic, returning the step's statistics (the math itself is in rl/grpo.py).
 
-    scored = score_rollouts(scorer, reference_scorer, batch, cfg)      # old / reference log-probs, no grad
+    scored = score_rollouts(scorer, reference_scorer, batch, tokenizer, cfg, d)   # old / reference log-probs
     stats = update_policy(train_scorer, policy, optimizer, batch, scored, advantages, step, cfg, d, log)
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 
 from model.sample import logprob_gap
 from model.score import pad_rows
-from rl.dist import finite_on_all_ranks
+from rl.dist import finite_on_all_ranks, gradient_sync
 from rl.grpo import aggregate, kl_k3, per_token_loss, shaped_advantages, think_token_mask
 from rl.rollout import RolloutBatch, seed_for
 
@@ -32,27 +32,67 @@ def on_policy(cfg) -> bool:
     return cfg.ppo_epochs == 1 and cfg.minibatches == 1
 
 
+def micro_batches(batch: RolloutBatch, rows: list[int], token_budget: int, d) -> list[list[int]]:
+    """`rows` in order, cut into micro-batches of at most `token_budget` tokens (prompt + completion of each
+    sequence; a longer sequence goes alone; 0 = no limit), then padded with empty micro-batches to the largest
+    count on any rank: DDP's and FSDP's collectives in forward and backward must be issued the same number of
+    times on every rank, and token budgets give ranks different counts."""
+    out: list[list[int]] = []
+    used = 0
+    for i in rows:
+        n = len(batch.prompts[i]) + len(batch.completions[i])
+        if not out or (token_budget and used + n > token_budget):
+            out.append([])
+            used = 0
+        out[-1].append(i)
+        used += n
+    count = int(d.all_reduce(torch.tensor(float(len(out))), "max").item())
+    return out + [[] for _ in range(count - len(out))]
+
+
+def _placeholder_forward(scorer, **kwargs):
+    """A one-token forward for a rank that has no sequence in a micro-batch: it joins the collectives of the
+    others' forward (and, with its loss times 0, of their backward) without changing anything."""
+    lp, _, _ = scorer([[0]], [[0]], **kwargs)
+    return lp
+
+
 @torch.no_grad()
-def score_rollouts(scorer, reference_scorer, batch: RolloutBatch, tokenizer, cfg) -> ScoredBatch:
-    """Old and reference log-probs and the chain-of-thought mask of a batch, before any update."""
+def score_rollouts(scorer, reference_scorer, batch: RolloutBatch, tokenizer, cfg, d) -> ScoredBatch:
+    """Old and reference log-probs and the chain-of-thought mask of a batch, before any update, in micro-batches
+    of cfg.micro_batch_tokens."""
     mask = batch.response_mask()
     think_mask = think_token_mask(batch.completions, tokenizer, cfg.prompt_format.starts_in_think,
                                   mask.shape[1]) * mask
     old_logp = entropy = ref_logp = None
+    parts = micro_batches(batch, list(range(len(batch))), cfg.micro_batch_tokens, d)
+
+    def score(model, with_entropy):
+        logp, ent = torch.zeros(mask.shape), torch.zeros(mask.shape)
+        for rows in parts:
+            if not rows:
+                _placeholder_forward(model, temperature=cfg.temperature)
+                continue
+            lp, e, _ = model([batch.prompts[i] for i in rows], [batch.completions[i] for i in rows],
+                             temperature=cfg.temperature, with_entropy=with_entropy, grouped=True)
+            logp[rows] = pad_rows(lp, mask[rows])
+            if with_entropy:
+                ent[rows] = pad_rows(e, mask[rows])
+        return logp, ent
+
     if not on_policy(cfg):
-        lp, ent, _ = scorer(batch.prompts, batch.completions, temperature=cfg.temperature, with_entropy=True,
-                            grouped=True)
-        old_logp, entropy = pad_rows(lp, mask), pad_rows(ent, mask)
+        old_logp, entropy = score(scorer, True)
     if reference_scorer is not None and len(batch):
-        lp, _, _ = reference_scorer(batch.prompts, batch.completions, temperature=cfg.temperature, grouped=True)
-        ref_logp = pad_rows(lp, mask)
+        ref_logp, _ = score(reference_scorer, False)
     return ScoredBatch(mask, think_mask, old_logp, entropy, ref_logp)
 
 
 def update_policy(train_scorer, policy, optimizer, batch: RolloutBatch, scored: ScoredBatch,
                   advantages: torch.Tensor, step: int, cfg, d, log=print) -> dict:
     """cfg.ppo_epochs passes of cfg.minibatches optimizer steps over the batch (on-policy by default: a single
-    step). An update whose loss or gradient norm is not finite on some rank is skipped on every rank.
+    step), each accumulating the gradients of micro-batches of at most cfg.micro_batch_tokens tokens: the loss is
+    normalised by the whole optimizer step's counts, so the accumulated gradient is the whole minibatch's.
+    An optimizer step whose loss or gradient norm is not finite on some rank is skipped on every rank.
     Returns the statistics summed over the updates made, with "updates" and "skipped" counts."""
     device = next(policy.parameters()).device
     mask, think_mask = scored.mask, scored.think_mask
@@ -68,29 +108,39 @@ def update_policy(train_scorer, policy, optimizer, batch: RolloutBatch, scored: 
                                                                                     epoch)))
         for mb in range(cfg.minibatches):
             idx = sorted(order[mb::cfg.minibatches].tolist())  # sorted: a group stays contiguous
-            if not idx:
-                continue
-            lp, ent, _ = train_scorer([batch.prompts[i] for i in idx], [batch.completions[i] for i in idx],
-                                      temperature=cfg.temperature, with_entropy=True, grouped=True)
-            mb_mask = mask[idx].to(device)
-            logp = torch.zeros(len(idx), T, device=device, dtype=torch.float32)
-            logp[mb_mask.bool()] = lp
-            mb_entropy = pad_rows(ent, mb_mask) if fresh else scored.entropy[idx].to(device)
-            mb_old = logp.detach() if fresh else scored.old_logp[idx].to(device)
-            mb_think = think_mask[idx].to(device)
-            adv, bonus = shaped_advantages(advantages[idx].to(device), mb_entropy, mb_think, cfg.entropy_mode,
-                                           cfg.entropy_coef, cfg.entropy_kappa)
-            mb_ref = scored.ref_logp[idx].to(device) if scored.ref_logp is not None else None
-            loss_tok, clipped = per_token_loss(logp, mb_old, adv, cfg.eps_low, cfg.eps_high, mb_ref, cfg.kl_coef)
-            # normalised over the whole optimizer step's tokens/sequences on all ranks; x world undoes the
-            # averaging of gradients across ranks
-            loss = aggregate(loss_tok, mb_mask, cfg.loss_agg, n_seqs / cfg.minibatches, n_tokens / cfg.minibatches,
-                             cfg.max_new_tokens) * d.world
-            grad_norm = skip = None
-            if not finite_on_all_ranks(loss):
+            parts = micro_batches(batch, idx, cfg.micro_batch_tokens, d)
+            loss_sum = torch.zeros((), device=device)
+            done = []  # (rows, logp, entropy, clipped, bonus) of each micro-batch, detached, for the statistics
+            for k, rows in enumerate(parts):
+                with gradient_sync(train_scorer, k == len(parts) - 1):  # all-reduce once, on the last
+                    if not rows:
+                        (_placeholder_forward(train_scorer, temperature=cfg.temperature).sum() * 0).backward()
+                        continue
+                    lp, ent, _ = train_scorer([batch.prompts[i] for i in rows],
+                                              [batch.completions[i] for i in rows],
+                                              temperature=cfg.temperature, with_entropy=True, grouped=True)
+                    mb_mask = mask[rows].to(device)
+                    logp = torch.zeros(len(rows), T, device=device, dtype=torch.float32)
+                    logp[mb_mask.bool()] = lp
+                    mb_entropy = pad_rows(ent, mb_mask) if fresh else scored.entropy[rows].to(device)
+                    mb_old = logp.detach() if fresh else scored.old_logp[rows].to(device)
+                    adv, bonus = shaped_advantages(advantages[rows].to(device), mb_entropy,
+                                                   think_mask[rows].to(device), cfg.entropy_mode,
+                                                   cfg.entropy_coef, cfg.entropy_kappa)
+                    mb_ref = scored.ref_logp[rows].to(device) if scored.ref_logp is not None else None
+                    loss_tok, clipped = per_token_loss(logp, mb_old, adv, cfg.eps_low, cfg.eps_high, mb_ref,
+                                                       cfg.kl_coef)
+                    # normalised over the whole optimizer step's tokens/sequences on all ranks; x world undoes
+                    # the averaging of gradients across ranks
+                    loss = aggregate(loss_tok, mb_mask, cfg.loss_agg, n_seqs / cfg.minibatches,
+                                     n_tokens / cfg.minibatches, cfg.max_new_tokens) * d.world
+                    loss.backward()
+                loss_sum += loss.detach()
+                done.append((rows, logp.detach(), mb_entropy, clipped, bonus))
+            grad_norm, skip = None, None
+            if not finite_on_all_ranks(loss_sum):
                 skip = "non-finite loss"
             else:
-                loss.backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
                 if cfg.fsdp:  # a DTensor over the shards
                     grad_norm = grad_norm.full_tensor()
@@ -104,18 +154,29 @@ def update_policy(train_scorer, policy, optimizer, batch: RolloutBatch, scored: 
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             stats["updates"] += 1
-            with torch.no_grad():
-                mtok = mb_mask.sum().clamp(min=1)
-                stats["loss"] += loss.item() / d.world
-                stats["grad_norm"] += grad_norm.item()
-                stats["clip_frac"] += ((clipped * mb_mask).sum() / mtok).item()
-                if mb_ref is not None:
-                    stats["kl"] += ((kl_k3(logp, mb_ref) * mb_mask).sum() / mtok).item()
-                stats["cot_entropy"] += ((mb_entropy * mb_think).sum() / mb_think.sum().clamp(min=1)).item()
-                stats["bonus"] += bonus.float().mean().item() if bonus.numel() else 0.0
-                if epoch == 0 and batch.sampler_logp is not None:
-                    gap = logprob_gap([batch.sampler_logp[i] for i in idx],
-                                      [logp[j][: lengths[i]].detach().cpu() for j, i in enumerate(idx)])
-                    stats["logp_gap_mean"] += gap["mean"]
-                    stats["logp_gap_max"] = max(stats["logp_gap_max"], gap["max"])
+            stats["loss"] += loss_sum.item() / d.world
+            stats["grad_norm"] += grad_norm.item()
+            if done:
+                _add_statistics(stats, done, scored, think_mask, batch, lengths, epoch, device)
     return stats
+
+
+@torch.no_grad()
+def _add_statistics(stats: dict, done: list, scored: ScoredBatch, think_mask, batch: RolloutBatch, lengths,
+                    epoch: int, device) -> None:
+    """Token means over one optimizer step's sequences on this rank (its micro-batches joined)."""
+    rows = [i for part in done for i in part[0]]
+    logp, mb_entropy, clipped = (torch.cat([part[j] for part in done]) for j in (1, 2, 3))
+    bonus = torch.cat([part[4] for part in done])
+    mb_mask, mb_think = scored.mask[rows].to(device), think_mask[rows].to(device)
+    mtok = mb_mask.sum().clamp(min=1)
+    stats["clip_frac"] += ((clipped * mb_mask).sum() / mtok).item()
+    if scored.ref_logp is not None:
+        stats["kl"] += ((kl_k3(logp, scored.ref_logp[rows].to(device)) * mb_mask).sum() / mtok).item()
+    stats["cot_entropy"] += ((mb_entropy * mb_think).sum() / mb_think.sum().clamp(min=1)).item()
+    stats["bonus"] += bonus.float().mean().item() if bonus.numel() else 0.0
+    if epoch == 0 and batch.sampler_logp is not None:
+        gap = logprob_gap([batch.sampler_logp[i] for i in rows],
+                          [logp[j][: lengths[i]].cpu() for j, i in enumerate(rows)])
+        stats["logp_gap_mean"] += gap["mean"]
+        stats["logp_gap_max"] = max(stats["logp_gap_max"], gap["max"])

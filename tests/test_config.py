@@ -80,7 +80,8 @@ def test_ci_runs_the_readme_test_command():
     ("max_refill_rounds", -1, "max_refill_rounds must be >= 0"),
     ("keep_last", -1, "keep_last must be >= 0"),
     ("difficulty", "trivial", "difficulty must be easy, medium, hard or all"),
-    ("dtype", "float8", "unknown dtype"),
+    ("dtype", "float8", "dtype must be auto, float32 or bfloat16"),
+    ("dtype", "float16", "loss scaling"),
     ("entropy_mode", "sequence", "entropy_mode must be one of seq, token"),
     ("tools_as", "yaml", "tools_as must be one of json, python"),
 ])

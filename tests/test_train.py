@@ -262,3 +262,118 @@ def test_golden_run_is_unchanged(tiny_dir, tiny_data, tmp_path):
         assert got == want
     assert facts["params_sha256"] == golden["params_sha256"]
     assert facts["optimizer_sums"] == golden["optimizer_sums"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The GPU recipe's paths, exercised on CPU: mixed precision, NCCL-safe collectives, FSDP with ranks that finish
+# generation at different times, micro-batches with gradient accumulation, FSDP in one process.
+
+def _moved_fraction(start: dict, end: dict) -> float:
+    moved = sum(int((end[n].float() != start[n].float()).sum()) for n in start)
+    return moved / sum(t.numel() for t in start.values())
+
+
+def test_bf16_mixed_precision_keeps_fp32_masters_that_move_at_lr_1e_6(tiny_dir, tiny_data, tmp_path):
+    """An Adam step at lr 1e-6 is far below half the spacing of bf16 weights (~1e-4 near 0.02): pure bf16
+    training rounds it away. With fp32 master weights under bf16 compute, as many weights move as in fp32."""
+    common = ("--steps", "2", "--sft-steps", "0", "--eval-limit", "0", "--save-every", "1", "--lr", "1e-6")
+    for dtype in ("float32", "bfloat16"):
+        out = _finish(_run(_args(tiny_dir, tiny_data, tmp_path / dtype, *common, "--dtype", dtype)))
+        if dtype == "bfloat16":
+            assert "precision: bfloat16 compute, fp32 master weights (autocast)" in out
+    start = load_file(tiny_dir / "model.safetensors")
+    fp32, bf16 = _final_params(tmp_path / "float32", 2), _final_params(tmp_path / "bfloat16", 2)
+    assert all(t.dtype == torch.float32 for t in bf16.values()), "the checkpoint must hold the fp32 masters"
+    fp32_moved, bf16_moved = _moved_fraction(start, fp32), _moved_fraction(start, bf16)
+    assert fp32_moved > 0.5, fp32_moved
+    assert bf16_moved > 0.9 * fp32_moved, (bf16_moved, fp32_moved)
+
+
+SPY = '''
+import sys
+import torch
+import torch.distributed as dist
+from rl.dist import process_group_backend
+
+# The process group the trainer makes on CUDA, and the tensor devices it can serve ("nccl" alone: CUDA only).
+backend = process_group_backend(torch.device("cuda"))
+served = {pair.split(":")[0] for pair in backend.split(",")} if ":" in backend else {"cuda"}
+seen = []
+
+def spy(name):
+    real = getattr(dist, name)
+    def collective(*args, **kwargs):
+        for arg in list(args) + list(kwargs.values()):
+            for t in arg if isinstance(arg, (list, tuple)) else [arg]:
+                if isinstance(t, torch.Tensor):
+                    seen.append(name)
+                    if t.device.type not in served:
+                        raise RuntimeError(f"{name} got a {t.device.type} tensor, which the CUDA process group "
+                                           f"({backend}) cannot serve")
+        return real(*args, **kwargs)
+    setattr(dist, name, collective)
+
+for name in ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "broadcast", "reduce"):
+    spy(name)
+import train
+train.main(sys.argv[1:])
+assert len(seen) > 10, seen
+print("collectives seen:", len(seen))
+'''
+
+
+def test_every_collective_is_served_by_the_cuda_process_group(tiny_dir, tiny_data, tmp_path):
+    """NCCL serves CUDA tensors only, and the trainer's counts and metrics are CPU tensors. Two gloo processes run
+    the warm-up, evaluation, dynamic sampling and a GRPO step with every collective spied on: each tensor must be of
+    a device the process group made on CUDA can serve."""
+    script = tmp_path / "spy_train.py"
+    script.write_text(SPY)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+           *_args(tiny_dir, tiny_data, tmp_path / "run", "--steps", "1", "--sft-steps", "1", "--eval-limit", "3",
+                  "--dynamic-sampling", "--micro-batch-tokens", "80")]
+    out = _finish(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                   text=True))
+    assert "collectives seen:" in out
+
+
+def test_fsdp_ranks_with_unequal_generation_and_micro_batches_match_one_process(tiny_dir, tiny_data, tmp_path):
+    """Under FSDP every sharded forward is a collective. 3 prompts split 2 / 1 over the ranks, each sampled in a
+    generate call of its own (a 1-token sampler budget): rank 0 decodes twice as often as rank 1; the 3
+    evaluation records split 2 / 1; token-budgeted micro-batches differ in number: the run must neither
+    hang nor drift from one plain process. FSDP2 also runs in a single process (one GPU), without torchrun."""
+    common = ("--steps", "1", "--sft-steps", "0", "--eval-limit", "3", "--prompts-per-step", "3",
+              "--sampler-token-budget", "1", "--save-every", "1")
+    _finish(_run(_args(tiny_dir, tiny_data, tmp_path / "one", *common)))
+    _finish(_run(_args(tiny_dir, tiny_data, tmp_path / "fsdp", *common, "--fsdp", "true",
+                       "--micro-batch-tokens", "70"), nproc=2), timeout=600)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    single = subprocess.run([sys.executable, str(ROOT / "train.py"),
+                             *_args(tiny_dir, tiny_data, tmp_path / "single", *common, "--fsdp", "true")],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert single.returncode == 0, single.stdout[-2000:] + single.stderr[-2000:]
+    start = load_file(tiny_dir / "model.safetensors")
+    one = _final_params(tmp_path / "one", 1)
+    assert any((one[n] - start[n]).abs().max() > 1e-3 for n in one), "the step did not update the parameters"
+    for run in ("fsdp", "single"):
+        other = _final_params(tmp_path / run, 1)
+        for name in one:  # Adam turns float-order noise in near-zero gradients into ~1e-5 update noise
+            assert torch.allclose(one[name], other[name], rtol=1e-4, atol=1e-4), (run, name)
+    assert _rl_rows(tmp_path / "fsdp")[0]["reward"] == pytest.approx(_rl_rows(tmp_path / "one")[0]["reward"])
+
+
+def test_ddp_micro_batches_with_unequal_work_match_one_whole_batch(tiny_dir, tiny_data, tmp_path):
+    """3 prompts over 2 ranks (2 and 1) in micro-batches of at most 70 tokens: the ranks run different numbers of
+    real micro-batches, synchronise gradients once, and end where one process with whole batches does."""
+    common = ("--steps", "1", "--sft-steps", "0", "--eval-limit", "0", "--save-every", "1",
+              "--prompts-per-step", "3")
+    _finish(_run(_args(tiny_dir, tiny_data, tmp_path / "one", *common)))
+    _finish(_run(_args(tiny_dir, tiny_data, tmp_path / "two", *common, "--micro-batch-tokens", "70"), nproc=2),
+            timeout=600)
+    start = load_file(tiny_dir / "model.safetensors")
+    one, two = _final_params(tmp_path / "one", 1), _final_params(tmp_path / "two", 1)
+    assert any((one[n] - start[n]).abs().max() > 1e-3 for n in one), "the step did not update the parameters"
+    for name in one:
+        assert torch.allclose(one[name], two[name], rtol=1e-4, atol=1e-4), name
+    r1, r2 = _rl_rows(tmp_path / "one")[0], _rl_rows(tmp_path / "two")[0]
+    assert r2["loss"] == pytest.approx(r1["loss"], rel=1e-4, abs=1e-6)
