@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from data.calls import format_calls, render_prompt
 from data.default import load_default, load_records
+from model.compat import enable_activation_checkpointing
 from model.load import (latest_checkpoint, load_model, load_tokenizer, pick_device, prune_checkpoints, save_checkpoint,
                         save_policy, set_rng_state)
 from model.score import completion_logprobs, shared_prompt_logprobs
@@ -168,7 +169,7 @@ def main(argv=None):
     tokenizer = load_tokenizer(cfg.model if start_from == cfg.model else start_from, cfg.cache_dir or None)
     policy = load_model(start_from, device, cfg.dtype, cfg.attn, cfg.cache_dir or None)
     if cfg.grad_checkpointing:
-        policy.gradient_checkpointing_enable()
+        enable_activation_checkpointing(policy)
     vocab_size = real_vocab_size(tokenizer, policy)  # never score head rows the sampler cannot emit
     scorer = PolicyScorer(policy, vocab_size, cfg.share_prompt_kv)  # one module whose forward is the scoring pass, so DDP/FSDP can wrap it
     if cfg.fsdp:  # FSDP2: shard every decoder layer, then the rest (embeddings, norm, head) at the root

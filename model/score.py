@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from model.compat import cache_kwargs, returned_cache
+from model.compat import activation_checkpointing_on, cache_kwargs, returned_cache
 from model.kernels import logprob_entropy
 
 
@@ -119,8 +119,13 @@ def shared_prompt_logprobs(model, prompt_ids: list[list[int]], completion_ids: l
     completions of ~60, a group of 8 costs ~780 token-forwards instead of ~2900.
     Returns (logp [N], entropy [N] or None, lengths), tokens in the order of the inputs."""
     _check(prompt_ids, completion_ids)
-    device = _device(model)
     body = _body(model)
+    if activation_checkpointing_on(body):
+        # Checkpointed layers keep no KV cache (a recomputed layer would append to it a second time), so there is
+        # no prompt cache to share: score every sequence whole instead (same log-probs and gradients).
+        return completion_logprobs(model, prompt_ids, completion_ids, temperature, with_entropy,
+                                   vocab_size=vocab_size)
+    device = _device(model)
     head = model.get_output_embeddings()
     hidden_parts = []
     i = 0

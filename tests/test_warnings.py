@@ -95,4 +95,4 @@ def test_one_step_train_run_warns_nothing(tmp_path):
     _probe("train_run", "--model", str(tmp_path / "model"), "--train-data", str(data), "--val-data", str(data),
            "--difficulty", "all", "--out-dir", str(tmp_path / "run"), "--steps", "1", "--sft-steps", "1",
            "--sft-batch-size", "2", "--group-size", "2", "--prompts-per-step", "2", "--max-new-tokens", "8",
-           "--eval-limit", "2", "--kl-coef", "0.01")
+           "--eval-limit", "2", "--kl-coef", "0.01", "--grad-checkpointing", "true")
