@@ -25,6 +25,7 @@ from data.calls import PromptFormat
 from data.default import load_default, load_records
 from model.checkpoint import (drop_rows_after, latest_checkpoint, prune_checkpoints, resume_training,
                               save_training_checkpoint, save_warmed_up_policy)
+from model.compat import enable_activation_checkpointing
 from model.load import ModelLoadError, load_model, load_tokenizer, pick_device, pick_dtype
 from model.sample import real_vocab_size
 from model.score import PolicyScorer
@@ -182,7 +183,7 @@ def main(argv=None):
     tokenizer = load_tokenizer(cfg.model if start_from == cfg.model else start_from, cfg.cache_dir or None)
     policy = load_model(start_from, device, cfg.dtype, cfg.attn, cfg.cache_dir or None)
     if cfg.grad_checkpointing:
-        policy.gradient_checkpointing_enable()
+        enable_activation_checkpointing(policy)
     vocab_size = real_vocab_size(tokenizer, policy)  # never score head rows the sampler cannot emit
     scorer = PolicyScorer(policy, vocab_size, cfg.share_prompt_kv)  # the scoring pass as a module DDP/FSDP can wrap
     train_scorer = wrap_for_training(scorer, policy, cfg.fsdp, d, device)
