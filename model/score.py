@@ -11,6 +11,8 @@ Two ways to batch the sequences, which give the same result:
     with SDPA transformers turns the restarting position ids into a block-diagonal causal mask (fine for tests,
     no memory saving since the mask is [T, T]).
 `pack=None` packs when the model runs flash-attention, and pads otherwise.
+
+`PolicyScorer` wraps these as a module (the trainer's scoring pass, which DDP and FSDP2 wrap in turn).
 """
 from __future__ import annotations
 
