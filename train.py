@@ -33,7 +33,7 @@ from rl.config_cli import config_to_json, parse_config
 from rl.dist import Dist, full_params, init_distributed, wrap_for_training
 from rl.grpo import group_advantages
 from rl.metrics import append_row, peak_memory_gb, step_metrics, write_samples
-from rl.rollout import PromptCursor, collect_rollouts
+from rl.rollout import PromptCursor, collect_rollouts, seed_for
 from rl.update import score_rollouts, update_policy
 from rl.warmup import supervised_warmup
 
@@ -168,7 +168,7 @@ def main(argv=None):
     def write_row(row: dict):
         if d.master:
             append_row(run_dir / "metrics.jsonl", row)
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(seed_for(cfg.seed, "torch"))
     train_records, val_records = load_data(cfg)
 
     # ---------------------------------------------------------------- models
