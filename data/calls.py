@@ -92,11 +92,6 @@ class PromptFormat:
     def to_json(self) -> str:
         return json.dumps({"answer_format": self.answer_format, "tools_as": self.tools_as, "prefill": self.prefill})
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "PromptFormat":
-        """From prompt_format.json, or from a run's config.json (which holds the same three fields among others)."""
-        return cls(**{k: d[k] for k in ("answer_format", "tools_as", "prefill") if k in d})
-
 
 # ----------------------------------------------------------------------------------------------------
 # Prompt template
