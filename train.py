@@ -169,6 +169,7 @@ def main(argv=None):
     def write_row(row: dict):
         if d.master:
             append_row(run_dir / "metrics.jsonl", row)
+
     torch.manual_seed(seed_for(cfg.seed, "torch"))
     train_records, val_records = load_data(cfg)
 
