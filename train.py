@@ -10,6 +10,7 @@ metrics (rl/metrics.py) -> evaluation (eval/bfcl.py) and checkpoint (model/check
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -25,6 +26,7 @@ from data.calls import PromptFormat
 from data.default import load_default, load_records
 from model.checkpoint import (drop_rows_after, latest_checkpoint, prune_checkpoints, resume_training,
                               save_training_checkpoint, save_warmed_up_policy)
+from model.compat import enable_activation_checkpointing
 from model.load import autocast_to, load_model, load_tokenizer, pick_device, pick_dtype
 from model.sample import real_vocab_size
 from model.score import PolicyScorer, describe_paths
@@ -32,7 +34,7 @@ from rl.config_cli import config_to_json, parse_config
 from rl.dist import Dist, full_params, init_distributed, wrap_for_training
 from rl.grpo import group_advantages
 from rl.metrics import append_row, peak_memory_gb, step_metrics, write_samples
-from rl.rollout import PromptCursor, collect_rollouts
+from rl.rollout import PromptCursor, collect_rollouts, seed_for
 from rl.update import score_rollouts, update_policy
 from rl.warmup import supervised_warmup
 
@@ -167,7 +169,8 @@ def main(argv=None):
     def write_row(row: dict):
         if d.master:
             append_row(run_dir / "metrics.jsonl", row)
-    torch.manual_seed(cfg.seed)
+
+    torch.manual_seed(seed_for(cfg.seed, "torch"))
     train_records, val_records = load_data(cfg)
 
     # ---------------------------------------------------------------- models
@@ -184,7 +187,7 @@ def main(argv=None):
     compute_dtype = pick_dtype(cfg.dtype, device)
     policy = load_model(start_from, device, "float32", cfg.attn, cfg.cache_dir or None)
     if cfg.grad_checkpointing:
-        policy.gradient_checkpointing_enable()
+        enable_activation_checkpointing(policy)
     vocab_size = real_vocab_size(tokenizer, policy)  # never score head rows the sampler cannot emit
     # Under FSDP every layer call is a collective, so a forward must call each layer equally often on every rank:
     # the shared-prompt path calls the body twice per group, and ranks hold different numbers of groups.
@@ -195,15 +198,17 @@ def main(argv=None):
     log(f"[train] policy {start_from} on {device} x{d.world}, {n_params / 1e6:.1f}M params, {len(train_records)} "
         f"train / {len(val_records)} val records -> {run_dir}")
 
+    held_out = functools.partial(evaluate, policy, scorer, tokenizer, val_records, cfg, d)  # held_out(tag) -> row
+
     # ---------------------------------------------------------------- supervised warm-up (cold start)
     evals = {}
     fresh_start = resume_from is None and start_from == cfg.model
     if fresh_start:
-        evals.update(evaluate(policy, scorer, tokenizer, val_records, cfg, d, "before"))
+        evals.update(held_out("before"))
     if fresh_start and cfg.sft_steps > 0:
         supervised_warmup(train_scorer, policy, tokenizer, train_records, cfg, d, write_row)
         save_warmed_up_policy(run_dir, policy, tokenizer, cfg.fsdp, run_files, d.rank, d.barrier)
-        evals.update(evaluate(policy, scorer, tokenizer, val_records, cfg, d, "after_warmup"))
+        evals.update(held_out("after_warmup"))
 
     reference_scorer = None
     if cfg.kl_coef > 0:  # the frozen reference is where RL starts: the warmed-up policy if there is one
@@ -233,14 +238,14 @@ def main(argv=None):
             batch = collect_rollouts(policy, tokenizer, cursor, step, cfg, d)
         t_sample = time.time() - t0
 
-        # 2) advantages, then old / reference log-probs and the chain-of-thought mask
+        # 2) advantages; 3) scoring: old / reference log-probs and the chain-of-thought mask
         t1 = time.time()
         rewards = torch.tensor(batch.rewards, dtype=torch.float32)  # [S]
         advantages = group_advantages(rewards, cfg.group_size, std_norm=cfg.std_norm) if len(batch) else rewards
         scored = score_rollouts(scorer, reference_scorer, batch, tokenizer, cfg, d)
         t_score = time.time() - t1
 
-        # 3) PPO-clip updates (on-policy by default: one update, ratio = 1); a non-finite one is skipped
+        # 4) PPO-clip updates (on-policy by default: one update, ratio = 1); a non-finite one is skipped
         t2 = time.time()
         policy.train()
         stats = update_policy(train_scorer, policy, optimizer, batch, scored, advantages, step, cfg, d, log)
@@ -248,7 +253,7 @@ def main(argv=None):
         skipped_updates += stats["skipped"]
         t_update = time.time() - t2
 
-        # 4) metrics (global over ranks) and, every few steps, the completions
+        # 5) metrics (global over ranks) and, every few steps, the completions
         elapsed = time.time() - t0
         row = {"phase": "rl", "step": step + 1, **step_metrics(batch, advantages, stats, d),
                "lr": optimizer.param_groups[0]["lr"], "skipped_updates": skipped_updates,
@@ -260,14 +265,13 @@ def main(argv=None):
         if d.master and cfg.sample_every and (step + 1) % cfg.sample_every == 0:
             write_samples(run_dir / "samples.jsonl", step + 1, batch, cfg.prefill)
 
-        # 5) evaluation and checkpoint
+        # 6) evaluation and checkpoint
         last = step + 1 == cfg.steps
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and not last:
-            write_row({"phase": "eval", "step": step + 1,
-                       **evaluate(policy, scorer, tokenizer, val_records, cfg, d, f"step{step + 1}")})
+            write_row({"phase": "eval", "step": step + 1, **held_out(f"step{step + 1}")})
         if last or (cfg.save_every and (step + 1) % cfg.save_every == 0):
             if last:
-                evals.update(evaluate(policy, scorer, tokenizer, val_records, cfg, d, "after_rl"))
+                evals.update(held_out("after_rl"))
             state = {"cursor": dict(cursor.state), "step": step + 1, "skipped_updates": skipped_updates,
                      "evals": evals}
             save_training_checkpoint(run_dir, step + 1, policy, scorer, optimizer, scheduler, tokenizer, state,

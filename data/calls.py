@@ -1,5 +1,5 @@
-"""The function-call language: prompt template, a safe parser for model output, and a checker with the
-semantics of BFCL's AST checker.
+"""The function-call language: the prompt format and template, a safe parser for model output, and a checker
+with the semantics of BFCL's AST checker; the reason codes and the table of type names they share.
 
 One module, used by the reward (rl/reward.py), the data pipeline and BFCL scoring (eval/bfcl.py).
 
@@ -7,8 +7,8 @@ Calls are plain dicts everywhere: {"name": str, "arguments": {param: value}}, th
 "answers" of a training record. Model text is never executed: the parser reads Python's AST and only
 accepts literal values (numeric constant arithmetic is folded from the AST with size caps).
 
-Reasons for a failed check are "<code>" or "<code>: <detail>"; metrics aggregate on the code (the text
-before the first ": "). The codes are listed in REASON_CODES.
+Reasons for a failed check are "<code>" or "<code>: <detail>"; metrics aggregate on the code (`reason_code`,
+the text before the first ": "). The codes are listed in REASON_CODES.
 """
 from __future__ import annotations
 
@@ -91,11 +91,6 @@ class PromptFormat:
 
     def to_json(self) -> str:
         return json.dumps({"answer_format": self.answer_format, "tools_as": self.tools_as, "prefill": self.prefill})
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "PromptFormat":
-        """From prompt_format.json, or from a run's config.json (which holds the same three fields among others)."""
-        return cls(**{k: d[k] for k in ("answer_format", "tools_as", "prefill") if k in d})
 
 
 # ----------------------------------------------------------------------------------------------------

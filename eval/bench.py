@@ -469,7 +469,8 @@ def bench_trl(argv):
     record_of = dict(zip(prompts, records))
 
     def reward_fn(prompts, completions, **_):
-        return [reward("<think>" + c, record_of[p], answer_format="think")[0] for p, c in zip(prompts, completions)]
+        return [reward(prompt_format.prefill + c, record_of[p], answer_format=prompt_format.answer_format)[0]
+                for p, c in zip(prompts, completions)]
 
     times = []
 

@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shutil
@@ -155,6 +156,21 @@ def load_tokenizer(name: str = DEFAULT_MODEL, cache_dir=None):
     return tokenizer
 
 
+@contextlib.contextmanager
+def _no_loading_bar():
+    """transformers draws a progress bar over the tensors of every checkpoint it loads (milliseconds for our
+    models, and three of them per run): keep the console for the run's own bars."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
 def load_model(name: str = DEFAULT_MODEL, device="auto", dtype: str = "auto", attn: str = "auto", cache_dir=None):
     """Load a causal LM ready for training or sampling on `device`."""
     from transformers import AutoModelForCausalLM
@@ -162,9 +178,10 @@ def load_model(name: str = DEFAULT_MODEL, device="auto", dtype: str = "auto", at
     device = pick_device(device) if isinstance(device, str) else device
     path = resolve_model_path(name, cache_dir)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=pick_dtype(dtype, device), attn_implementation=pick_attn_implementation(device, attn),
-            **_offline_kwargs(path))
+        with _no_loading_bar():
+            model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=pick_dtype(dtype, device), attn_implementation=pick_attn_implementation(device, attn),
+                **_offline_kwargs(path))
     except OSError as e:
         raise ModelLoadError(
             f"could not load model {name!r}: {e}\n(--model takes '{DEFAULT_MODEL}', a local model directory, or a "

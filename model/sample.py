@@ -32,6 +32,8 @@ import torch
 from tqdm import tqdm
 from transformers import LogitsProcessor
 
+from model.compat import cache_kwargs
+
 DEFAULT_TOKEN_BUDGET = 1 << 16  # (prompts * G) * (prompt_len + max_new_tokens) per generate call
 STATIC_CACHE_LENGTH_MULTIPLE = 64  # pad prompt lengths to a multiple of this under a static cache (fewer recompiles)
 
@@ -214,7 +216,8 @@ def build_generation_config(model, tokenizer, max_new_tokens: int, greedy: bool 
         do_sample=not greedy, num_beams=1, num_return_sequences=1, max_new_tokens=max_new_tokens,
         min_new_tokens=min_new_tokens or None,
         # our processors do temperature/top-k/top-p; these values make transformers add none of its own
-        temperature=1.0, top_k=0, top_p=1.0, min_p=None, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0,
+        # (greedy adds no warpers at all, and transformers rejects a sampling-only top_k=0 there: leave it unset)
+        temperature=1.0, top_k=None if greedy else 0, top_p=1.0, min_p=None, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0,
         repetition_penalty=1.0, encoder_repetition_penalty=1.0, no_repeat_ngram_size=0, length_penalty=1.0,
         bad_words_ids=None, suppress_tokens=None, begin_suppress_tokens=None, forced_bos_token_id=None,
         forced_eos_token_id=None, renormalize_logits=False, remove_invalid_values=False,
@@ -295,7 +298,8 @@ def _prefill_prompts_once(model, input_ids, attention_mask, group_size: int):
 
     cache = DynamicCache(config=model.config)
     model(input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1],
-          position_ids=_positions(attention_mask[:, :-1]), past_key_values=cache, use_cache=True, logits_to_keep=1)
+          position_ids=_positions(attention_mask[:, :-1]), use_cache=True, logits_to_keep=1,
+          **cache_kwargs(model, cache))
     cache.batch_repeat_interleave(group_size)  # [B, h, P-1, d] -> [B*G, h, P-1, d], rows grouped per prompt
     return cache
 
@@ -308,7 +312,7 @@ def _generate_batch(model, prompts, group_size, gen_config, procs, recorder, pad
     P = input_ids.shape[1]
     kwargs = {}
     if prefill_once and group_size > 1 and P > 1:
-        kwargs["past_key_values"] = _prefill_prompts_once(model, input_ids, attention_mask, group_size)
+        kwargs = cache_kwargs(model, _prefill_prompts_once(model, input_ids, attention_mask, group_size))
     input_ids = input_ids.repeat_interleave(group_size, dim=0)  # [B*G, P]
     attention_mask = attention_mask.repeat_interleave(group_size, dim=0)
     if recorder is not None:

@@ -11,11 +11,14 @@ Two ways to batch the sequences, which give the same result:
     with SDPA transformers turns the restarting position ids into a block-diagonal causal mask (fine for tests,
     no memory saving since the mask is [T, T]).
 `pack=None` packs when the model runs flash-attention, and pads otherwise.
+
+`PolicyScorer` wraps these as a module (the trainer's scoring pass, which DDP and FSDP2 wrap in turn).
 """
 from __future__ import annotations
 
 import torch
 
+from model.compat import activation_checkpointing_on, cache_kwargs, returned_cache
 from model.kernels import logprob_entropy
 from model.load import autocast_to
 
@@ -133,8 +136,13 @@ def shared_prompt_logprobs(model, prompt_ids: list[list[int]], completion_ids: l
     completions of ~60, a group of 8 costs ~780 token-forwards instead of ~2900.
     Returns (logp [N], entropy [N] or None, lengths), tokens in the order of the inputs."""
     _check(prompt_ids, completion_ids)
-    device = _device(model)
     body = _body(model)
+    if activation_checkpointing_on(body):
+        # Checkpointed layers keep no KV cache (a recomputed layer would append to it a second time), so there is
+        # no prompt cache to share: score every sequence whole instead (same log-probs and gradients).
+        return completion_logprobs(model, prompt_ids, completion_ids, temperature, with_entropy,
+                                   vocab_size=vocab_size)
+    device = _device(model)
     head = model.get_output_embeddings()
     hidden_parts = []
     i = 0
@@ -149,7 +157,7 @@ def shared_prompt_logprobs(model, prompt_ids: list[list[int]], completion_ids: l
             i = j
             continue
         out = body(input_ids=prompt, use_cache=True)
-        cache = out.past_key_values
+        cache = returned_cache(body, out)
         cache.batch_repeat_interleave(k)  # [k, heads, Tp, d] per layer, still in the autograd graph
         ids = torch.zeros(k, Tc, dtype=torch.long, device=device)
         comp_mask = torch.zeros(k, Tc, dtype=torch.long, device=device)
@@ -159,7 +167,7 @@ def shared_prompt_logprobs(model, prompt_ids: list[list[int]], completion_ids: l
         attention_mask = torch.cat([torch.ones(k, Tp, dtype=torch.long, device=device), comp_mask], dim=1)
         position_ids = (Tp + torch.arange(Tc, device=device))[None].expand(k, -1)
         comp_hidden = body(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids,
-                           past_key_values=cache, use_cache=True).last_hidden_state  # [k, Tc, H]
+                           use_cache=True, **cache_kwargs(body, cache)).last_hidden_state  # [k, Tc, H]
         last_prompt = out.last_hidden_state[0, -1]  # predicts every completion's first token
         for r, c in enumerate(group):
             if c:

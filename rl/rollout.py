@@ -26,6 +26,7 @@ def seed_for(run_seed: int, purpose: str, step: int = 0, index: int = 0, round: 
       "minibatch"      the shuffle of a rollout batch into minibatches: index = PPO epoch
       "prompt_order"   the permutation of the training records: index = data epoch
       "warmup_order"   the order of the supervised warm-up records
+      "torch"          torch's global generator, seeded once at the start of a run
     The values are those of earlier versions of this trainer (runs repeat exactly); rollout rounds from 16 on,
     which the old layout step * 16 + round could not tell from the next step's, get a stream of their own."""
     if purpose == "rollout":
@@ -39,6 +40,8 @@ def seed_for(run_seed: int, purpose: str, step: int = 0, index: int = 0, round: 
         return run_seed + index
     if purpose == "warmup_order":
         return run_seed + 1
+    if purpose == "torch":
+        return run_seed
     raise ValueError(f"unknown seed purpose {purpose!r}")
 
 

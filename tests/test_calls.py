@@ -3,6 +3,7 @@
 The checker tests are derived from BFCL's rules (its documentation, data and observed verdicts); the optional
 differential test at the end compares verdicts with the official checker on generated outputs."""
 import copy
+import dataclasses
 import json
 import os
 import random
@@ -568,3 +569,26 @@ def test_differential_against_official_checker(category):
             total += 1
             agree += verdict(text, gt or [], it["function"], category)[0] == expected
     assert agree == total, f"{category}: {agree}/{total} verdicts agree"
+
+
+def test_prompt_format_is_one_checked_value():
+    fmt = PromptFormat("think", "python", "<think>")
+    assert json.loads(fmt.to_json()) == {"answer_format": "think", "tools_as": "python", "prefill": "<think>"}
+    assert fmt.starts_in_think and not PromptFormat("plain", "json", "[").starts_in_think
+    with pytest.raises(ValueError, match="answer_format must be one of"):
+        PromptFormat("xml")
+    with pytest.raises(ValueError, match="tools_as must be 'json' or 'python'"):
+        PromptFormat("think", "yaml")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        fmt.prefill = ""
+
+
+def test_one_type_table_serves_prompts_checker_and_validation():
+    from data.calls import TYPES
+    from data.validate import TYPE_NAMES
+    assert TYPE_NAMES == {name: row[0] for name, row in TYPES.items()}
+    assert TYPE_NAMES["dict"] == "object" and TYPE_NAMES["any"] is None
+    tool = {"name": "f", "description": "F.", "parameters": {"type": "object", "properties": {
+        "a": {"type": "tuple", "items": {"type": "integer"}}, "b": {"type": "dict"}, "c": {"type": "any"}},
+        "required": ["a", "b", "c"]}}
+    assert "def f(a: tuple[int], b: dict, c: Any):" in system_prompt([tool], "think", "python")

@@ -17,6 +17,7 @@ def test_seed_for_gives_the_seeds_of_earlier_versions():
                 assert seed_for(seed, "minibatch", step, epoch) == seed + step * 131 + epoch
         assert seed_for(seed, "warmup_order") == seed + 1
         assert seed_for(seed, "prompt_order", index=4) == seed + 4
+        assert seed_for(seed, "torch") == seed
 
 
 def test_refill_rounds_past_16_get_their_own_seeds():

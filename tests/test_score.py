@@ -121,3 +121,34 @@ def test_flash_attention_varlen_matches_padded_sdpa(tiny_tokenizer):
     packed, packed_entropy, _ = completion_logprobs(model, prompts, completions)  # pack=None -> packed varlen
     torch.testing.assert_close(packed, padded, rtol=0, atol=5e-2)  # bf16 activations, different kernels
     torch.testing.assert_close(packed_entropy, padded_entropy, rtol=0, atol=5e-2)
+
+
+def _logp_and_grads(model, score, prompts, completions, weights):
+    model.zero_grad()
+    logp, entropy, _ = score(model, prompts, completions, temperature=0.7, with_entropy=True)
+    (logp * weights).sum().backward()
+    return logp.detach(), entropy, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_shared_prompt_scoring_equals_plain_scoring(tiny_tokenizer, checkpointing):
+    """Groups of completions sharing a prompt (and a lone one): the shared-prompt-cache forward gives the plain
+    forward's log-probs, entropies and gradients; with gradient checkpointing in training mode too (checkpointed
+    layers return no cache)."""
+    from model.compat import enable_activation_checkpointing
+    from model.score import shared_prompt_logprobs
+    from model.tiny import tiny_model
+    model = tiny_model(tiny_tokenizer, seed=int(torch.randint(0, 2**31, ())))
+    prompts_once, completions = random_batch(model.config.vocab_size, [6, 3, 8], [5, 3, 4, 1, 0, 6, 2])
+    prompts = [prompts_once[0]] * 3 + [prompts_once[1]] * 3 + [prompts_once[2]]  # groups of 3, 3 and 1
+    weights = torch.randn(sum(len(c) for c in completions))
+    plain = _logp_and_grads(model.train(), completion_logprobs, prompts, completions, weights)
+    if checkpointing:
+        enable_activation_checkpointing(model)
+    model.train()
+    shared = _logp_and_grads(model, shared_prompt_logprobs, prompts, completions, weights)
+    torch.testing.assert_close(shared[0], plain[0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(shared[1], plain[1], rtol=0, atol=1e-5)
+    assert set(shared[2]) == set(plain[2]) == {n for n, _ in model.named_parameters()}
+    for name in plain[2]:
+        torch.testing.assert_close(shared[2][name], plain[2][name], rtol=1e-4, atol=1e-6)

@@ -71,6 +71,18 @@ def _rl_rows(run):
     return [{k: v for k, v in r.items() if not k.startswith(VOLATILE)} for r in rows if r["phase"] == "rl"]
 
 
+def _assert_rows_match(a: dict, b: dict, rel=1e-6, abs=1e-7):
+    """Same keys; numbers equal to a tolerance (float summation order), everything else exactly."""
+    assert a.keys() == b.keys(), (a.keys() ^ b.keys())
+    for key in a:
+        x, y = a[key], b[key]
+        if isinstance(x, (int, float)) and not isinstance(x, bool):
+            assert isinstance(y, (int, float)) and not isinstance(y, bool), (key, x, y)
+            assert y == pytest.approx(x, rel=rel, abs=abs), (key, x, y)
+        else:
+            assert x == y, (key, x, y)
+
+
 def _final_params(run, step):
     return load_file(Path(run) / "checkpoints" / f"step-{step:06d}" / "model.safetensors")
 
@@ -119,7 +131,7 @@ def test_sigkill_then_resume_matches_uninterrupted(tiny_dir, tiny_data, tmp_path
     full, resumed = _rl_rows(tmp_path / "full"), _rl_rows(tmp_path / "killed")
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]
     for a, b in zip(full[2:], resumed[2:]):
-        assert a == pytest.approx(b, rel=1e-6, abs=1e-7), (a, b)
+        _assert_rows_match(a, b)
     pa, pb = _final_params(tmp_path / "full", 4), _final_params(tmp_path / "killed", 4)
     for name in pa:
         assert torch.equal(pa[name], pb[name]), name
@@ -220,9 +232,16 @@ def test_fsdp_two_processes_match_one_and_resume(tiny_dir, tiny_data, tmp_path):
 
 
 GOLDEN = Path(__file__).with_name("golden_train.json")
-GOLDEN_ARGS = ("--steps", "3", "--sft-steps", "2", "--warmup-steps", "2", "--lr-schedule", "cosine",
-               "--ppo-epochs", "2", "--minibatches", "2", "--dynamic-sampling", "--max-refill-rounds", "4",
-               "--save-every", "3", "--eval-limit", "2")
+GOLDEN_RUNS = {
+    # warm-up, learning-rate warm-up and cosine schedule, KL reference, entropy bonus, dynamic sampling with
+    # refills, two PPO epochs of two minibatches (the old-log-prob path)
+    "minibatches": ("--steps", "3", "--sft-steps", "2", "--warmup-steps", "2", "--lr-schedule", "cosine",
+                    "--ppo-epochs", "2", "--minibatches", "2", "--dynamic-sampling", "--max-refill-rounds", "4",
+                    "--save-every", "3", "--eval-limit", "2"),
+    # the default update (on-policy: one PPO epoch, one minibatch), an evaluation between steps, pruning
+    "on_policy": ("--steps", "3", "--sft-steps", "2", "--eval-every", "2", "--save-every", "1", "--keep-last", "1",
+                  "--eval-limit", "2"),
+}
 
 
 def _golden_facts(run):
@@ -232,7 +251,9 @@ def _golden_facts(run):
     import hashlib
     run = Path(run)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    rows = [{k: v for k, v in r.items() if not k.startswith(VOLATILE) and not k.startswith("reason/")} for r in rows]
+    rows = [{k: v for k, v in r.items() if not k.startswith(VOLATILE)} for r in rows]
+    logged_reasons = [{k: v for k, v in r.items() if k.startswith("reason/")} for r in rows]
+    rows = [{k: v for k, v in r.items() if not k.startswith("reason/")} for r in rows]
     samples = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
     for row in rows:
         if row["phase"] == "rl":
@@ -244,24 +265,27 @@ def _golden_facts(run):
               for name, t in sorted(load_file(ckpt / "model.safetensors").items())}
     optim = torch.load(ckpt / "trainer_state.pt", weights_only=False)["optimizer"]["state"]
     optim_sums = {f"{i}/{k}": float(v.double().sum()) for i, s in sorted(optim.items()) for k, v in sorted(s.items())}
-    return {"rows": rows, "params_sha256": params, "optimizer_sums": optim_sums}
+    return {"rows": rows, "params_sha256": params, "optimizer_sums": optim_sums}, logged_reasons
 
 
-def test_golden_run_is_unchanged(tiny_dir, tiny_data, tmp_path):
-    """A 3-step run that goes through the warm-up, learning-rate warm-up and cosine schedule, the KL reference,
-    the entropy bonus, dynamic sampling with refills, two PPO epochs of two minibatches (the old-log-prob path)
-    and a checkpoint gives exactly the recorded metrics and final tensors (tests/golden_train.json)."""
+@pytest.mark.parametrize("name", sorted(GOLDEN_RUNS))
+def test_golden_run_is_unchanged(name, tiny_dir, tiny_data, tmp_path):
+    """A 3-step run gives exactly the metrics and final tensors recorded before the code was reorganised
+    (tests/golden_train.json), and its rows count the failure reasons under their full codes."""
     run = tmp_path / "run"
-    _finish(_run(_args(tiny_dir, tiny_data, run, *GOLDEN_ARGS)))
-    facts = _golden_facts(run)
-    if os.environ.get("FUNRL_RECORD_GOLDEN") == "1":  # deliberate re-recording after a change of behaviour
-        GOLDEN.write_text(json.dumps(facts, indent=1, sort_keys=True) + "\n")
+    _finish(_run(_args(tiny_dir, tiny_data, run, *GOLDEN_RUNS[name])))
+    facts, logged_reasons = _golden_facts(run)
     golden = json.loads(GOLDEN.read_text())
-    assert len(facts["rows"]) == len(golden["rows"])
-    for got, want in zip(facts["rows"], golden["rows"]):
-        assert got == want
-    assert facts["params_sha256"] == golden["params_sha256"]
-    assert facts["optimizer_sums"] == golden["optimizer_sums"]
+    if os.environ.get("FUNRL_RECORD_GOLDEN") == name:  # deliberate re-recording after a change of behaviour
+        GOLDEN.write_text(json.dumps({**golden, name: facts}, indent=1, sort_keys=True) + "\n")
+        return
+    want = golden[name]
+    assert len(facts["rows"]) == len(want["rows"])
+    for got, expected, logged in zip(facts["rows"], want["rows"], logged_reasons):
+        assert got == expected
+        assert logged == {k: v for k, v in got.items() if k.startswith("reason/")}
+    assert facts["params_sha256"] == want["params_sha256"]
+    assert facts["optimizer_sums"] == want["optimizer_sums"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
