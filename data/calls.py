@@ -756,7 +756,8 @@ def _check_value(param: str, value, schema, allowed: list) -> str:
             reasons = [_dict_match(value, a) for a in allowed if not (type(a) is str and a == "")]
             if "" in reasons:
                 return ""
-            return (reasons[-1] if reasons else "wrong_value") + f" (in {param})"
+            reason = reasons[-1] if reasons else "wrong_value"
+            return f"{reason} (in {param})" if ": " in reason else f"{reason}: {param}"  # the code stays first
         if expected is list and nested is dict:
             for a in allowed:
                 a_list = a if isinstance(a, list) else []   # an allowed "" is an empty list here
