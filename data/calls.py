@@ -468,10 +468,7 @@ def _json_call(obj) -> dict:
     name = obj.get("name", obj.get("function"))
     args = obj.get("arguments", obj.get("parameters", {}))
     if isinstance(args, str):
-        try:
-            args = json.loads(args)
-        except ValueError:
-            raise CallSyntaxError("arguments string is not JSON") from None
+        args = _json_loads(args)
     if not isinstance(name, str) or not isinstance(args, dict):
         raise CallSyntaxError('call must be {"name": str, "arguments": {...}}')
     return {"name": name, "arguments": args}
@@ -490,14 +487,14 @@ def _json_loads(text: str):
 
 
 def nesting_exceeds(value, limit: int) -> bool:
-    """Whether lists / tuples / dicts nest deeper than `limit` (walked without recursion)."""
-    stack = [(value, 0)]
-    while stack:
-        v, depth = stack.pop()
-        if isinstance(v, (list, tuple, dict)):
-            if depth >= limit:
-                return True
-            stack.extend((c, depth + 1) for c in (v.values() if isinstance(v, dict) else v))
+    """Whether lists / tuples / dicts nest deeper than `limit` (walked level by level, without recursion)."""
+    containers = (list, tuple, dict)
+    level, depth = [value] if isinstance(value, containers) else [], 0
+    while level:
+        if depth >= limit:
+            return True
+        level = [c for v in level for c in (v.values() if isinstance(v, dict) else v) if isinstance(c, containers)]
+        depth += 1
     return False
 
 

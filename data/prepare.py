@@ -35,7 +35,7 @@ from pathlib import Path
 
 from data.calls import CallSyntaxError, parse_python_calls
 from data.validate import (RecordError, check_structure, infer_category, json_loads, load_records,  # noqa: F401
-                           normalize_tool, record_line, validate_calls, validate_record)
+                           normalize_tool, validate_calls, validate_record)
 
 FORMATS = ("auto", "xlam", "bfcl", "hermes", "canonical")
 OUTPUT_FILES = ("train.jsonl", "val.jsonl", "rejects.jsonl")
@@ -592,7 +592,7 @@ def prepare(inputs, out_dir, fmt: str = "auto", judge=None, rounds: int = 2, val
 
     def keep(rec: dict, where: str) -> None:
         try:
-            line = record_line(rec)  # a repair or a correction can make a record unwritable
+            line = check_structure(rec)  # again: a repair or a correction can make a record unreadable
         except RecordError as e:
             reject(rec["id"], where, "write", e.reason, e.detail, None)
             return

@@ -76,9 +76,7 @@ def json_loads(text: str):
 
 def record_line(rec) -> str:
     """The JSON line of a record; RecordError if it cannot be one (text that is not valid Unicode, NaN or
-    infinity, values that are not JSON, nesting deeper than MAX_RECORD_DEPTH)."""
-    if nesting_exceeds(rec, MAX_RECORD_DEPTH):
-        raise RecordError("record:too-deep", f"lists/objects nested deeper than {MAX_RECORD_DEPTH} levels")
+    infinity, values that are not JSON). check_structure checks the nesting first."""
     try:
         line = json.dumps(rec, ensure_ascii=False, allow_nan=False)
         line.encode("utf-8")
@@ -87,15 +85,15 @@ def record_line(rec) -> str:
                                             "bytes that are not UTF-8") from None
     except ValueError:
         raise RecordError("record:number", "NaN or infinity is not a JSON number") from None
-    except TypeError as e:
-        raise RecordError("record:not-json", str(e)[:200]) from None
+    except (TypeError, RecursionError) as e:
+        raise RecordError("record:not-json", f"{type(e).__name__}: {str(e)[:200]}") from None
     return line
 
 
 # ----------------------------------------------------------------------------- record structure
 
-def check_structure(rec) -> None:
-    """Raise RecordError("record:...") if `rec` is not shaped like a canonical record."""
+def check_structure(rec) -> str:
+    """Raise RecordError("record:...") if `rec` is not shaped like a canonical record; else its JSON line."""
     if not isinstance(rec, dict):
         raise RecordError("record:not-an-object", f"expected a JSON object, got {type(rec).__name__}")
     if nesting_exceeds(rec, MAX_RECORD_DEPTH):
@@ -131,7 +129,7 @@ def check_structure(rec) -> None:
     for key in ("reasoning", "difficulty", "source"):
         if key in rec and not isinstance(rec[key], str):
             raise RecordError("record:" + key, f"optional field {key!r} must be a string")
-    record_line(rec)
+    return record_line(rec)
 
 
 def infer_category(tools: list, answers: list) -> str:
