@@ -13,11 +13,12 @@ Input formats (auto-detected per record, or forced with --format):
             blocks (Hermes, ToolACE); tools from a "tools" field or a <tools>...</tools> block in the system
             prompt; a Python-style call list "[f(a=1)]" is read too
   canonical records already in the canonical format (see data/validate.py)
-Input files are JSON lines, or one JSON array (as xLAM ships).
+Input files are JSON lines, or one JSON array (as xLAM ships), UTF-8 with or without a byte-order mark.
 
 Outputs in DIR: train.jsonl, val.jsonl (split by a hash of the id), rejects.jsonl (each with the stage
 and reason), stats.json (counts per stage and reason) and run.json (the settings). Every input record
-lands in exactly one of train, val or rejects. Outputs are written append-only, one flushed line per
+lands in exactly one of train, val or rejects, whatever it holds: an error raised while handling
+one record rejects that record and the run goes on. Outputs are written append-only, one flushed line per
 record; rerunning the same command after an interruption skips the ids already written.
 """
 from __future__ import annotations
