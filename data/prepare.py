@@ -99,15 +99,14 @@ def _array_items(path: str, data: bytes):
     while True:
         where = f"{path}:[{i}]"
         try:
-            obj, pos = decoder.raw_decode(text, pos)
-            yield where, obj, None
+            obj, end = decoder.raw_decode(text, pos)
+            item = (where, obj, None)
         except (ValueError, RecursionError) as e:
-            end = _value_end(text, pos)
             why = (e.msg if isinstance(e, json.JSONDecodeError) else
                    "nested too deeply" if isinstance(e, RecursionError) else "a number with too many digits")
-            yield where, None, RecordError("read:bad-json", f"{why} at character {pos}")
-            pos = end
-        pos = ws.match(text, pos).end()
+            end, item = _value_end(text, pos), (where, None, RecordError("read:bad-json", f"{why} at character {pos}"))
+        yield item
+        pos = ws.match(text, end).end()
         i += 1
         if text.startswith("]", pos) and not text[pos + 1:].strip():
             return
@@ -411,9 +410,9 @@ def judge_messages(rec: dict) -> list[dict]:
 def parse_verdict(text: str) -> dict:
     """Strict reading of a judge reply -> {"solvable", "correct", "answer", "error"}.
     Anything but exactly one SOLVABLE and one CORRECT line counts as "no" with error "judge:unparseable"."""
-    found = {}
     if not isinstance(text, str):
         return {"solvable": None, "correct": False, "answer": None, "error": "judge:unparseable"}
+    found = {}
     for key, rx in _VERDICT_RE.items():
         hits = rx.findall(text)
         if len(hits) != 1:

@@ -72,9 +72,9 @@ def _category_file(folder: str, category: str) -> str | None:
     return os.path.join(folder, max(found)[1]) if found else None
 
 
-def _read_jsonl(path: str, what: str = "BFCL data") -> list:
-    """The JSON values of a JSON-lines file (a byte-order mark is skipped); BFCLDataError naming file:line and
-    what is wrong otherwise."""
+def _read_jsonl(path: str, what: str = "BFCL data") -> list[tuple[int, object]]:
+    """(line number, JSON value) for each line of a JSON-lines file (a byte-order mark is skipped); BFCLDataError
+    naming file:line and what is wrong otherwise."""
     if not os.path.isfile(path):
         raise BFCLDataError(f"{path} is not a file; pass the {what} file")
     values = []
@@ -83,7 +83,7 @@ def _read_jsonl(path: str, what: str = "BFCL data") -> list:
             if not raw.strip():
                 continue
             try:
-                values.append(json_loads(raw.decode("utf-8-sig")))
+                values.append((n, json_loads(raw.decode("utf-8-sig"))))
             except UnicodeDecodeError as e:
                 raise BFCLDataError(f"{path}:{n}: not UTF-8 text ({e.reason}); {what} files are UTF-8 JSON lines") \
                     from None
@@ -112,7 +112,7 @@ def load_category(category: str, data_dir: str | None = None, limit: int | None 
     if path is None:
         raise BFCLDataError(f"no BFCL_v*_{category}.json in {data_dir}: is this a BFCL data folder? (the data ships "
                             f"in bfcl-eval: {INSTALL}, then leave out --data-dir)")
-    entries = _read_jsonl(path)
+    entries = [entry for _, entry in _read_jsonl(path)]
     if not all(isinstance(e, dict) and {"id", "question", "function"} <= e.keys() for e in entries):
         raise BFCLDataError(f"{path}: every line must be a BFCL entry with id, question and function")
     answers = [None] * len(entries)
@@ -121,7 +121,7 @@ def load_category(category: str, data_dir: str | None = None, limit: int | None 
         if answer_path is None:
             raise BFCLDataError(f"no possible_answer/BFCL_v*_{category}.json in {data_dir}: the category "
                                 "needs its ground truth")
-        answers = [a.get("ground_truth") if isinstance(a, dict) else None for a in _read_jsonl(answer_path)]
+        answers = [a.get("ground_truth") if isinstance(a, dict) else None for _, a in _read_jsonl(answer_path)]
         if len(answers) != len(entries):
             raise BFCLDataError(f"{path} has {len(entries)} entries but {answer_path} has {len(answers)}")
     # BFCL pairs questions and answers by position (some answer ids are spelled differently)
@@ -167,19 +167,20 @@ def read_results(path: str) -> list[dict]:
     if not os.path.exists(path):
         raise BFCLDataError(f"results file {path} does not exist")
     rows = []
-    for n, row in enumerate(_read_jsonl(path, "results"), 1):
+    for n, row in _read_jsonl(path, "results"):
         if not isinstance(row, dict) or not isinstance(row.get("id"), str) or not isinstance(row.get("result"), str):
-            raise BFCLDataError(f'{path}: result {n} must be {{"id": "<BFCL id>", "result": "<raw model text>"}} '
+            raise BFCLDataError(f'{path}:{n} must be {{"id": "<BFCL id>", "result": "<raw model text>"}} '
                                 "(both strings)")
         rows.append(row)
-    if not rows:
-        raise BFCLDataError(f"results file {path} holds no results")
     return rows
 
 
 def cmd_score(args) -> dict:
     items = load_category(args.category, args.data_dir)
-    result = score_results(items, read_results(args.results))
+    rows = read_results(args.results)
+    if not rows:
+        raise BFCLDataError(f"results file {args.results} holds no results")
+    result = score_results(items, rows)
     coverage = result["total"] / len(items) if items else 0.0
     if coverage < 1:
         print(f"warning: {args.results} holds {result['total']} of the {len(items)} items of {args.category}; "

@@ -97,7 +97,7 @@ def _score(tmp_path, results_path, capsys=None):
 
 
 @pytest.mark.parametrize("content, message", [
-    (b'{"id": ["live_simple_0"], "result": "[]"}\n', r"result 1 must be \{\"id\": \"<BFCL id>\""),
+    (b'{"id": ["live_simple_0"], "result": "[]"}\n', r":1 must be \{\"id\": \"<BFCL id>\""),
     (b'{"id": "live_simple_0", "result": [{"get_time": {"city": "Tokyo"}}]}\n', "both strings"),
     (b'{"id": "live_simple_0", "result": ' + b"[" * 100_000 + b"]" * 100_000 + b"}\n", ":1: JSON nested too deeply"),
     (b'{"id": "live_simple_0", "result": "\xff"}\n', ":1: not UTF-8 text"),
