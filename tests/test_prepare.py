@@ -458,7 +458,9 @@ def _paths(value, prefix=()):
 
 @st.composite
 def _mutated_line(draw):
-    base = draw(st.sampled_from([rec(call(days=2, tags=[1])), _xlam_row(3), _HERMES, _TOOLACE]))
+    xlam = _xlam_row(3)
+    xlam_lists = {**xlam, "tools": json.loads(xlam["tools"]), "answers": json.loads(xlam["answers"])}
+    base = draw(st.sampled_from([rec(call(days=2, tags=[1], where={"lat": 1})), xlam, xlam_lists, _HERMES, _TOOLACE]))
     record = {**json.loads(json.dumps(base)), "id": draw(st.integers(0, 10 ** 12))}  # mostly distinct ids
     for _ in range(draw(st.integers(1, 2))):
         paths = [p for p in _paths(record) if p]
