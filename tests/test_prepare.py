@@ -115,7 +115,8 @@ def test_parse_call_list_never_executes():
 # ----------------------------------------------------------------------------- pipeline, bad input, resume
 
 def _lines(path):
-    return [json.loads(x) for x in Path(path).read_text().splitlines() if x.strip()] if Path(path).exists() else []
+    # split on "\n" only: a record may hold U+0085 or U+2028, which str.splitlines also takes for line ends
+    return [json.loads(x) for x in Path(path).read_text().split("\n") if x.strip()] if Path(path).exists() else []
 
 
 def _outputs(out):
