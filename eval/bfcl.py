@@ -33,6 +33,7 @@ import torch
 from tqdm import tqdm
 
 from data.calls import check_calls, decode_bfcl_result, render_prompt
+from data.validate import json_loads
 
 # single-turn categories scored here; "simple" is accepted as a short name for simple_python
 AST_CATEGORIES = ("simple_python", "multiple", "parallel", "parallel_multiple", "live_simple", "live_multiple",
@@ -71,9 +72,24 @@ def _category_file(folder: str, category: str) -> str | None:
     return os.path.join(folder, max(found)[1]) if found else None
 
 
-def _read_jsonl(path: str) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+def _read_jsonl(path: str, what: str = "BFCL data") -> list[tuple[int, object]]:
+    """(line number, JSON value) for each line of a JSON-lines file (a byte-order mark is skipped); BFCLDataError
+    naming file:line and what is wrong otherwise."""
+    if not os.path.isfile(path):
+        raise BFCLDataError(f"{path} is not a file; pass the {what} file")
+    values = []
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                values.append((n, json_loads(raw.decode("utf-8-sig"))))
+            except UnicodeDecodeError as e:
+                raise BFCLDataError(f"{path}:{n}: not UTF-8 text ({e.reason}); {what} files are UTF-8 JSON lines") \
+                    from None
+            except ValueError as e:
+                raise BFCLDataError(f"{path}:{n}: {e}; {what} files hold one JSON object per line") from None
+    return values
 
 
 def _flatten_question(question) -> list[dict]:
@@ -96,14 +112,16 @@ def load_category(category: str, data_dir: str | None = None, limit: int | None 
     if path is None:
         raise BFCLDataError(f"no BFCL_v*_{category}.json in {data_dir}: is this a BFCL data folder? (the data ships "
                             f"in bfcl-eval: {INSTALL}, then leave out --data-dir)")
-    entries = _read_jsonl(path)
+    entries = [entry for _, entry in _read_jsonl(path)]
+    if not all(isinstance(e, dict) and {"id", "question", "function"} <= e.keys() for e in entries):
+        raise BFCLDataError(f"{path}: every line must be a BFCL entry with id, question and function")
     answers = [None] * len(entries)
     if category in AST_CATEGORIES:
         answer_path = _category_file(os.path.join(data_dir, "possible_answer"), category)
         if answer_path is None:
             raise BFCLDataError(f"no possible_answer/BFCL_v*_{category}.json in {data_dir}: the category "
                                 "needs its ground truth")
-        answers = [a["ground_truth"] for a in _read_jsonl(answer_path)]
+        answers = [a.get("ground_truth") if isinstance(a, dict) else None for _, a in _read_jsonl(answer_path)]
         if len(answers) != len(entries):
             raise BFCLDataError(f"{path} has {len(entries)} entries but {answer_path} has {len(answers)}")
     # BFCL pairs questions and answers by position (some answer ids are spelled differently)
@@ -119,10 +137,10 @@ def score_results(items: list[dict], results: list[dict]) -> dict:
     for row in results:
         rid = row.get("id")
         if rid not in by_id:
-            raise BFCLDataError(f"result id {rid!r} is not in category {items[0]['category'] if items else '?'}; "
+            raise BFCLDataError(f"result id {rid!r:.100} is not in category {items[0]['category'] if items else '?'}; "
                                 "check --category and the results file")
         if rid in per_id:
-            raise BFCLDataError(f"result id {rid!r} appears twice in the results file")
+            raise BFCLDataError(f"result id {rid!r:.100} appears twice in the results file")
         item = by_id[rid]
         calls = decode_bfcl_result(row.get("result"))
         ok, reason = check_calls(calls, item["ground_truth"] or [], item["function"], item["category"])
@@ -135,28 +153,40 @@ def score_results(items: list[dict], results: list[dict]) -> dict:
             "per_id": per_id, "reasons": dict(reasons)}
 
 
+def _read_json(path: str):
+    """A JSON file we wrote (report.json, run_config.json); BFCLDataError if it does not read."""
+    try:
+        with open(path, "rb") as f:
+            return json_loads(f.read().decode("utf-8-sig"))
+    except (OSError, ValueError) as e:
+        raise BFCLDataError(f"cannot read {path}: {e}; regenerate or remove it") from None
+
+
 def read_results(path: str) -> list[dict]:
+    """Rows {"id": str, "result": str} of a results file; BFCLDataError with file:line for anything else."""
     if not os.path.exists(path):
         raise BFCLDataError(f"results file {path} does not exist")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError:
-                raise BFCLDataError(f"{path}:{n} is not a JSON line") from None
-            if not isinstance(row, dict) or "id" not in row or "result" not in row:
-                raise BFCLDataError(f'{path}:{n} must be {{"id": ..., "result": ...}}')
-            rows.append(row)
+    for n, row in _read_jsonl(path, "results"):
+        if not isinstance(row, dict) or not isinstance(row.get("id"), str) or not isinstance(row.get("result"), str):
+            raise BFCLDataError(f'{path}:{n} must be {{"id": "<BFCL id>", "result": "<raw model text>"}} '
+                                "(both strings)")
+        rows.append(row)
     return rows
 
 
 def cmd_score(args) -> dict:
     items = load_category(args.category, args.data_dir)
-    result = score_results(items, read_results(args.results))
-    return {"category": items[0]["category"] if items else args.category, **result}
+    rows = read_results(args.results)
+    if not rows:
+        raise BFCLDataError(f"results file {args.results} holds no results")
+    result = score_results(items, rows)
+    coverage = result["total"] / len(items) if items else 0.0
+    if coverage < 1:
+        print(f"warning: {args.results} holds {result['total']} of the {len(items)} items of {args.category}; "
+              "the accuracy is over those items only", file=sys.stderr)
+    return {"category": items[0]["category"] if items else args.category, **result, "items": len(items),
+            "coverage": coverage}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -390,7 +420,7 @@ def build_report(out_dir: str, data_dir: str | None = None, meta: dict | None = 
 
     meta = dict(meta or {})
     old_path = os.path.join(out_dir, "report.json")
-    old = json.load(open(old_path)) if os.path.exists(old_path) else {}
+    old = _read_json(old_path) if os.path.exists(old_path) else {}
     timings = {**old.get("timing", {}).get("per_category", {}), **meta.pop("per_category_timing", {})}
     answer_format = meta.get("settings", old.get("settings", {})).get("answer_format", "think")
     per_category = {}
@@ -452,7 +482,7 @@ def resolve_settings(args, model_dir: str | None) -> dict:
     trained = {}
     path = os.path.join(model_dir, "run_config.json") if model_dir else None
     if path and os.path.isfile(path):
-        config = json.load(open(path))
+        config = _read_json(path)
         trained = {k: config[k] for k in ("answer_format", "tools_as", "prefill") if k in config}
     answer_format = args.answer_format or trained.get("answer_format", "think")
     tools_as = args.tools_as or trained.get("tools_as", "json")
@@ -505,9 +535,12 @@ def cmd_run(args) -> dict:
     out_dir = args.out or _default_out_dir(args.model)
     os.makedirs(out_dir, exist_ok=True)
 
-    from model.load import load
+    from model.load import ModelLoadError, load
     t_load = time.time()
-    model, tokenizer = load(model_dir or args.model, device=args.device, dtype=args.dtype)
+    try:
+        model, tokenizer = load(model_dir or args.model, device=args.device, dtype=args.dtype)
+    except (ModelLoadError, OSError, ValueError) as e:
+        raise BFCLDataError(" ".join(str(e).split())) from None
     model.eval()
     load_s = time.time() - t_load
     print(f"[bfcl] {args.model} on {model.device}, {torch.get_num_threads()} threads; "
@@ -555,7 +588,7 @@ def read_report(run_dir: str) -> dict:
     path = os.path.join(run_dir, "report.json")
     if not os.path.isfile(path):
         raise BFCLDataError(f"{run_dir}: no report.json (make one with `python -m eval.bfcl run ... --out {run_dir}`)")
-    return json.load(open(path))
+    return _read_json(path)
 
 
 def compare_table(reports: list[dict], labels: list[str]) -> tuple[list[str], list[list]]:

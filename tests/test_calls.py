@@ -11,10 +11,11 @@ import time
 import types
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from data.calls import (MAX_TEXT_CHARS, REASON_CODES, bfcl_trim, build_messages, category_kind, check_calls,
+from data.calls import (MAX_FOLDED_SIZE, MAX_KEY_SIZE, MAX_REASON_CHARS, MAX_TEXT_CHARS, REASON_CODES, CallSyntaxError,
+                        bfcl_trim, build_messages, category_kind, check_calls,
                         decode_bfcl_result, extract_answer, format_calls, ground_truth_from_answers, normalize_string,
                         parse_completion, parse_python_calls, reason_code, render_prompt, system_prompt)
 
@@ -567,3 +568,145 @@ def test_differential_against_official_checker(category):
             total += 1
             agree += verdict(text, gt or [], it["function"], category)[0] == expected
     assert agree == total, f"{category}: {agree}/{total} verdicts agree"
+
+
+# ------------------------------------------------------------------------------------------------ hostile answers
+# Every answer gets a verdict quickly, with bounded memory and a short reason, through the parser, the reward
+# and the BFCL scorer alike.
+
+HOSTILE_ANSWERS = [
+    "[f(a={(((0,)*100000,)*100000,)*100000: 1})]",       # folded size across nesting (hashed as a key)
+    "[f(a=1, d={((0,)*30000,)*3000: 1})]",                 # a huge key whose repr went into the reason
+    "[f(a={((0,)*30000,)*3000: 1})]",
+    "[f(a=(((0,)*100000,)*100000,)*100000)]",
+    "[f(a=[" + ", ".join(["[0]*99999"] * 1000) + "])]",   # many folds, each under the old per-fold cap
+    "[f(a=" + "+".join(["'x'*9999"] * 50) + ")]",
+    "[f(a=" + "9" * 4000 + ")]", "[f(a=-" + "9" * 4000 + ")]", "[f(a=" + "9" * 5000 + ")]",
+    "[f(a=" + "[" * 3000 + "]" * 3000 + ")]", "[f(a=" + "{1: " * 300 + "1" + "}" * 300 + ")]",
+    "[f(a={'" + "k" * 5000 + "': 1})]", "[f(a={" + "(" * 90 + "1," + ")" * 90 + ": 1})]",
+    "[f(a=[]*10**100, b=''*10**100)]", "lambda:" * 3000, "[f(a=" + "lambda:" * 3000 + "1)]",
+]
+BIG_TOOL = {"name": "f", "parameters": {"type": "dict", "required": ["a"], "properties": {
+    "a": {"type": "dict"}, "b": {"type": "string"}, "d": {"type": "dict"}}}}
+BIG_RECORD = {"tools": [BIG_TOOL], "answers": [{"name": "f", "arguments": {"a": {"x": 1}}}], "category": "simple"}
+BFCL_ITEM = {"id": "simple_python_0", "function": [BIG_TOOL], "ground_truth": [{"f": {"a": [{"x": [1]}]}}],
+             "category": "simple_python"}
+
+
+def _bounded_verdicts(answer: str, seconds: float = 5.0, peak_mb: float = 64):
+    """Parser, reward (binary and graded, think and plain) and BFCL scorer on one answer: CPU time (seven
+    verdicts, traced by tracemalloc, which slows them down), memory, reasons."""
+    import tracemalloc
+
+    from eval.bfcl import score_text
+    from rl.reward import reward
+
+    tracemalloc.start()
+    t0 = time.process_time()  # CPU time: the bound holds on a busy machine too
+    try:
+        texts = {"plain": answer, "think": f"<think>x</think><answer>{answer}</answer>"}
+        reasons = [parse_completion(texts[fmt], fmt).error for fmt in texts]
+        for fmt in texts:
+            for mode in ("binary", "graded"):
+                score, reason = reward(texts[fmt], BIG_RECORD, answer_format=fmt, mode=mode)
+                assert 0.0 <= score <= 1.0
+                reasons.append(reason)
+        ok, reason = score_text(texts["think"], BFCL_ITEM)
+        reasons.append(reason)
+        elapsed = time.process_time() - t0
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert elapsed < seconds, (answer[:60], elapsed)
+    assert peak < peak_mb * 2 ** 20, (answer[:60], peak)
+    assert all(len(r) <= MAX_REASON_CHARS and (not r or reason_code(r) in REASON_CODES) for r in reasons), reasons
+    return reasons
+
+
+@pytest.mark.parametrize("answer", HOSTILE_ANSWERS, ids=range(len(HOSTILE_ANSWERS)))
+def test_hostile_answers_get_a_quick_bounded_verdict(answer):
+    _bounded_verdicts(answer)
+
+
+def test_folding_budget_and_key_limits():
+    for text in HOSTILE_ANSWERS[:6]:
+        with pytest.raises(CallSyntaxError, match=f"constant folding over {MAX_FOLDED_SIZE} elements"):
+            parse_python_calls(text)
+    with pytest.raises(CallSyntaxError, match="dict key over"):
+        parse_python_calls("[f(a={'" + "k" * (MAX_KEY_SIZE + 1) + "': 1})]")
+    with pytest.raises(CallSyntaxError, match="number too large"):
+        parse_python_calls("[f(a=" + "9" * 4000 + ")]")
+    # ordinary folding is unchanged, up to the budget
+    assert calls_of("[f(a='ab'*3, b=[1]*2+[3], c=(0,)*2, d=2*[[]], e=-1*2, g=''*10**100)]")[0]["arguments"] == {
+        "a": "ababab", "b": [1, 1, 3], "c": (0, 0), "d": [[], []], "e": -2, "g": ""}
+    assert len(calls_of(f"[f(a='x'*{MAX_FOLDED_SIZE})]")[0]["arguments"]["a"]) == MAX_FOLDED_SIZE
+    times = (MAX_FOLDED_SIZE - 100) // 101  # the inner fold makes 100 elements, each outer copy 101
+    assert len(calls_of(f"[f(a=((0,)*100,)*{times})]")[0]["arguments"]["a"]) == times
+    with pytest.raises(CallSyntaxError):
+        calls_of(f"[f(a=((0,)*100,)*{times + 1})]")
+    assert calls_of("[f(a={'" + "k" * MAX_KEY_SIZE + "': 1})]")[0]["arguments"]["a"] == {"k" * MAX_KEY_SIZE: 1}
+
+
+def test_reasons_quoting_values_are_bounded():
+    tools = [{"name": "f", "parameters": {"properties": {"a": {"type": "dict"}}}}]
+    key = "k" * 900
+    ok, reason = check_calls(calls_of(f"[f(a={{'{key}': 1}})]"), [{"f": {"a": [{"x": [1]}]}}], tools, "simple")
+    assert not ok and reason.startswith("unexpected_param: dict key 'kkk") and len(reason) == MAX_REASON_CHARS
+    ok, reason = check_calls(calls_of("[" + "g" * 20_000 + "(a=1)]"), [{"f": {"a": [1]}}], tools, "simple")
+    assert reason_code(reason) == "wrong_function" and len(reason) <= MAX_REASON_CHARS
+    assert len(parse_completion('[{"name": "f", "arguments": ' + "[" * 200 + "]" * 200 + "}]", "json").error) \
+        <= MAX_REASON_CHARS
+
+
+def test_json_answers_nested_too_deeply_are_parse_errors():
+    deep = "[" * 500 + "]" * 500
+    for text, fmt in ((f'[{{"name": "f", "arguments": {{"a": {deep}}}}}]', "json"),
+                      (f'<tool_call>{{"name": "f", "arguments": {{"a": {deep}}}}}</tool_call>', "hermes")):
+        assert parse_completion(text, fmt).error == "format:parse_error: nested too deeply"
+    assert parse_completion('[{"name": "f", "arguments": {"a": [[1]]}}]', "json").calls[0]["arguments"] == {"a": [[1]]}
+
+
+def test_literal_only_reads_json_literals_only():
+    assert parse_python_calls("[f(a=1, b='x'), m.g(c=[1, -2.5], d={'k': None}, e=2*3)]", literal_only=True) == [
+        {"name": "f", "arguments": {"a": 1, "b": "x"}}, {"name": "m.g", "arguments": {"c": [1, -2.5], "d": {"k": None},
+                                                                                     "e": 6}}]
+    assert parse_python_calls("f(a=1)", literal_only=True) == [{"name": "f", "arguments": {"a": 1}}]
+    for text in ("[f(a=x)]", "[f(a=g(b=1))]", "[f(a=d[0])]", "[f(1)]", "[f(**k)]", "[x[0](a=1)]", "[f(a=b'x')]",
+                 "[f(a=1j)]", "[__import__('os').system(a='echo')]"):
+        with pytest.raises(CallSyntaxError):
+            parse_python_calls(text, literal_only=True)
+        parse_python_calls(text)  # BFCL's reading accepts each of them
+    with pytest.raises(CallSyntaxError):
+        parse_python_calls("[f(a={1, 2})]", literal_only=True)
+
+
+# Python-literal call lists built from the pieces random text almost never produces: nested sequence
+# multiplication, huge integers, deep nesting and big dict keys.
+_LEAF = st.one_of(
+    st.integers(-10 ** 6, 10 ** 6).map(str), st.integers(1000, 4500).map(lambda n: "9" * n),
+    st.sampled_from(["'x'", "''", "None", "True", "1.5e308", "x", "g(1)", "d[0]", "...", "b'x'", "1j"]),
+    st.integers(1, 3000).map(lambda n: "'" + "k" * n + "'"))
+_TIMES = st.sampled_from(["0", "1", "3", "1000", "100000", "10**9", "-1", "10**100"])
+
+
+def _extend(inner):
+    return st.one_of(
+        st.tuples(inner, _TIMES).map(lambda p: f"({p[0]},)*{p[1]}"),
+        st.tuples(inner, _TIMES).map(lambda p: f"[{p[0]}]*{p[1]}"),
+        st.tuples(inner, inner).map(lambda p: f"{{{p[0]}: {p[1]}}}"),
+        st.tuples(inner, inner).map(lambda p: f"({p[0]}, {p[1]})"),
+        st.tuples(inner, inner).map(lambda p: f"{p[0]} + {p[1]}"),
+        st.tuples(inner, st.integers(1, 250)).map(lambda p: "[" * p[1] + p[0] + "]" * p[1]))
+
+
+_VALUE = st.recursive(_LEAF, _extend, max_leaves=12)
+_CALL_LIST = st.lists(st.tuples(st.sampled_from(["a", "b", "d"]), _VALUE), min_size=1, max_size=3).map(
+    lambda kw: "[f(" + ", ".join(f"{k}={v}" for k, v in kw) + ")]")
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@given(_CALL_LIST)
+@example(HOSTILE_ANSWERS[0])
+@example(HOSTILE_ANSWERS[2])
+def test_generated_call_lists_get_quick_bounded_verdicts(answer):
+    _bounded_verdicts(answer)
