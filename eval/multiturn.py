@@ -531,7 +531,8 @@ def context_limit(model) -> int | None:
 
 def run_episodes(model, tokenizer, entries: list[MultiTurnEntry], data_dir: str, answer_format: str = "plain",
                  tools_as: str = "json", prefill: str = "", max_new_tokens: int = 256, batch_size: int = 16,
-                 greedy: bool = True, temperature: float = 0.7, seed: int = 0, bar=None) -> list[dict]:
+                 greedy: bool = True, temperature: float = 0.7, seed: int = 0, stop_at_answer: bool = False,
+                 bar=None) -> list[dict]:
     """Run every entry's episode; episodes advance in lockstep, one generate call per step across the episodes
     still open. -> rows {"id", "result"} (+ "error" when an episode stopped early), in entry order.
     A prompt that does not fit the model's context with max_new_tokens to spare stops its episode with a reason
@@ -561,7 +562,8 @@ def run_episodes(model, tokenizer, entries: list[MultiTurnEntry], data_dir: str,
         if not ready:
             continue
         texts = generate_texts(model, tokenizer, prompts, max_new_tokens, batch_size, greedy=greedy,
-                               temperature=temperature, seed=seed + step, prefill=prefill)
+                               temperature=temperature, seed=seed + step, stop_at_answer=stop_at_answer,
+                               prefill=prefill)
         step += 1
         for episode, text in zip(ready, texts):
             episode.advance(prefill + text)
@@ -582,3 +584,65 @@ def select_entries(entries: list[MultiTurnEntry], limit: int | None, seed: int =
         return list(entries)
     keep = sorted(random.Random(seed).sample(range(len(entries)), limit))
     return [entries[i] for i in keep]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Used by eval/bfcl.py (run / score / report) and by train.py's --eval-bfcl
+
+def read_result_rows(path: str) -> list[dict]:
+    """A multi-turn result file: one {"id", "result": [[step text, ...] per turn]} JSON object per line."""
+    if not os.path.exists(path):
+        raise MultiTurnDataError(f"results file {path} does not exist")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError:
+                raise MultiTurnDataError(f"{path}:{n} is not a JSON line") from None
+            if not isinstance(row, dict) or "id" not in row or "result" not in row:
+                raise MultiTurnDataError(f'{path}:{n} must be {{"id": ..., "result": [[step texts] per turn]}}')
+            rows.append(row)
+    return rows
+
+
+def score_file(category: str, path: str, data_dir: str) -> dict:
+    return score_results(load_multi_turn(category, data_dir), read_result_rows(path), data_dir)
+
+
+def run_category(model, tokenizer, category: str, entries: list[MultiTurnEntry], data_dir: str, out_path: str,
+                 settings: dict, batch_size: int, greedy: bool = True, temperature: float = 0.7, seed: int = 0,
+                 bar=None) -> None:
+    """Episodes for one category's entries, written to out_path in BFCL's multi-turn result format."""
+    rows = run_episodes(model, tokenizer, entries, data_dir, answer_format=settings["answer_format"],
+                        tools_as=settings["tools_as"], prefill=settings["prefill"],
+                        max_new_tokens=settings["max_new_tokens"], batch_size=batch_size, greedy=greedy,
+                        temperature=temperature, seed=seed, stop_at_answer=settings.get("stop_at_answer", False),
+                        bar=bar)
+    with open(out_path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def evaluate_multi_turn(model, tokenizer, categories: list[str], limit: int, data_dir: str, rank: int = 0,
+                        world: int = 1, all_reduce=lambda t: t, answer_format: str = "plain", tools_as: str = "json",
+                        prefill: str = "", max_new_tokens: int = 256, batch_size: int = 16) -> dict:
+    """Greedy accuracy per multi-turn category on the fixed subset select_entries(entries, limit), entries sharded
+    [rank::world]. Each rank runs its episodes on its own (no collective inside, so ranks may finish at different
+    times) and then joins exactly one all_reduce of the [correct, total] counts. -> {category: accuracy}."""
+    import torch
+    entries = []
+    for category in categories:
+        entries += select_entries(load_multi_turn(category, data_dir), limit)[rank::world]
+    rows = run_episodes(model, tokenizer, entries, data_dir, answer_format=answer_format, tools_as=tools_as,
+                        prefill=prefill, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                        stop_at_answer=answer_format == "think") if entries else []
+    counts = torch.zeros(len(categories), 2, dtype=torch.float64)
+    for entry, row in zip(entries, rows):
+        c = categories.index(entry.category)
+        counts[c, 0] += float(check_entry(row["result"], entry, data_dir).valid)
+        counts[c, 1] += 1
+    counts = all_reduce(counts)
+    return {cat: (counts[c, 0] / counts[c, 1].clamp(min=1)).item() for c, cat in enumerate(categories)}

@@ -434,19 +434,157 @@ def test_episode_step_limit(corpus, data_dir):
 
 
 def test_run_episodes_with_a_tiny_model(corpus, data_dir, tiny_model, tiny_tokenizer):
-    """The lockstep runner on a random model: every episode ends, results are BFCL's format, and a context too
-    small for the prompt stops the episode with a reason instead of truncating it."""
-    entries = [_entry(corpus, "multi_turn_base", i) for i in (0, 1)]
-    rows = mt.run_episodes(tiny_model, tiny_tokenizer, entries, data_dir, tools_as="python", max_new_tokens=4)
-    assert [r["id"] for r in rows] == [e.id for e in entries]
-    for row, entry in zip(rows, entries):
-        assert isinstance(row["result"], list) and all(isinstance(s, str) for t in row["result"] for s in t)
-        if "error" in row:
-            assert row["error"].startswith("prompt_too_long")
-        else:
-            assert len(row["result"]) == len(entry.ground_truth)
-    tiny_model.config.max_position_embeddings = 64
+    """The lockstep runner on a random model: every episode ends and results are BFCL's format; a prompt too long
+    for the model's context stops the episode with a reason instead of being truncated."""
+    import dataclasses
+    short = [dataclasses.replace(_entry(corpus, "multi_turn_base", i),
+                                 functions=[d for d in _entry(corpus, "multi_turn_base", i).functions
+                                            if d["name"] in ("cd", "ls")]) for i in (0, 1)]
+    rows = mt.run_episodes(tiny_model, tiny_tokenizer, short, data_dir, tools_as="python", max_new_tokens=4)
+    assert [r["id"] for r in rows] == [e.id for e in short]
+    for row, entry in zip(rows, short):
+        assert "error" not in row and len(row["result"]) == len(entry.ground_truth)
+        assert all(isinstance(s, str) for t in row["result"] for s in t)
+    entries = [_entry(corpus, "multi_turn_base", i) for i in (0, 1)]  # the full docs: ~10k bytes > 4096 positions
     rows = mt.run_episodes(tiny_model, tiny_tokenizer, entries, data_dir, tools_as="python", max_new_tokens=4)
     assert all(r["error"].startswith("prompt_too_long") and r["result"] == [[]] for r in rows)
     scored = mt.score_results(entries, rows, data_dir)
     assert scored["correct"] == 0 and scored["reasons"] == {"prompt_too_long": 2}
+
+
+class _LongContextStub:
+    """Stands in for a model: only its context length is read (generation is replaced by ground_truth_replies)."""
+    config = types.SimpleNamespace(max_position_embeddings=10 ** 7)
+
+
+def ground_truth_replies(data_dir, entries, calls_log=None):
+    """A stand-in for eval.bfcl.generate_texts that replies to each episode's prompt with the keyword ground truth
+    of the turn it is in, and with plain text once it has answered (which ends the turn)."""
+    script = {}
+    for e in entries:
+        keyword = mt.keyword_trajectory(e, data_dir)
+        markers = [("I have updated some more functions" if t in e.held_out else e.turns[t][-1]["content"])
+                   for t in range(len(e.turns))]
+        script[e.id] = (markers, [steps[0] if steps else "I cannot do that without more details." for steps in keyword])
+
+    def generate(model, tokenizer, prompts, max_new_tokens=256, batch_size=16, **kwargs):
+        if calls_log is not None:
+            calls_log.append(len(prompts))
+        out = []
+        for prompt in prompts:
+            markers, replies = next(v for v in script.values() if v[0][0] in prompt)
+            turn = max(range(len(markers)), key=lambda t: prompt.rfind(markers[t]))
+            answered = "<|im_start|>assistant\n" in prompt[prompt.rfind(markers[turn]):-len("<|im_start|>assistant\n")]
+            out.append("Done." if answered else replies[turn])
+        return out
+    return generate
+
+
+def test_evaluate_bfcl_multi_turn_ground_truth_replies(corpus, data_dir, tiny_tokenizer, monkeypatch):
+    import eval.bfcl as bfcl
+    entries = mt.select_entries(corpus["multi_turn_miss_func"], 3)
+    monkeypatch.setattr(bfcl, "generate_texts", ground_truth_replies(data_dir, entries))
+    acc = bfcl.evaluate_bfcl(_LongContextStub(), tiny_tokenizer, ["multi_turn_miss_func"], limit=3,
+                             tools_as="python", answer_format="plain", data_dir=data_dir)
+    assert acc == {"multi_turn_miss_func": 1.0}
+    monkeypatch.setattr(bfcl, "generate_texts", lambda m, t, prompts, *a, **k: ["[ls(a=1)]"] * len(prompts))
+    acc = bfcl.evaluate_bfcl(_LongContextStub(), tiny_tokenizer, ["multi_turn_miss_func"], limit=3,
+                             tools_as="python", answer_format="plain", data_dir=data_dir)
+    assert acc == {"multi_turn_miss_func": 0.0}
+
+
+def _rank_worker(rank, init_file, data_dir, results):
+    import torch
+    import torch.distributed as dist
+
+    import eval.bfcl as bfcl
+    from model.tiny import byte_tokenizer
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        entries = mt.select_entries(mt.load_multi_turn("multi_turn_base", data_dir), 3)
+        calls = []
+        bfcl.generate_texts = ground_truth_replies(data_dir, entries, calls)
+
+        def all_reduce(t):
+            dist.all_reduce(t)
+            return t
+        acc = bfcl.evaluate_bfcl(_LongContextStub(), byte_tokenizer(), ["multi_turn_base"], limit=3, rank=rank,
+                                 world=2, all_reduce=all_reduce, tools_as="python", answer_format="plain",
+                                 data_dir=data_dir)
+        total = torch.tensor([float(len(calls))])
+        dist.all_reduce(total)  # both ranks reach this: neither hung in evaluate_bfcl
+        results[rank] = (acc, len(calls), sum(calls))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_evaluate_multi_turn_two_ranks_unequal_work(data_dir, tmp_path):
+    """Two gloo processes: 2 episodes on rank 0, 1 on rank 1 (different numbers of steps); both finish, and both
+    get the accuracy over all 3."""
+    import torch.multiprocessing as mp
+    results = mp.Manager().dict()
+    mp.spawn(_rank_worker, args=(str(tmp_path / "init"), data_dir, results), nprocs=2, join=True)
+    assert results[0][0] == results[1][0] == {"multi_turn_base": 1.0}
+    assert results[0][2] != results[1][2]  # unequal work: prompts generated per rank
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+def test_cli_run_score_report_compare(corpus, data_dir, tiny_tokenizer, tmp_path, capsys):
+    from eval.bfcl import main
+    from model.tiny import tiny_model
+    model_dir = tmp_path / "tiny"
+    tiny_model(tiny_tokenizer).save_pretrained(model_dir)
+    tiny_tokenizer.save_pretrained(model_dir)
+    out = tmp_path / "run"
+    report = main(["run", "--model", str(model_dir), "--categories", "multi_turn", "--limit", "2", "--answer-format",
+                   "plain", "--max-new-tokens", "4", "--out", str(out)])
+    for category in mt.MULTI_TURN_CATEGORIES:
+        rows = [json.loads(line) for line in open(out / f"{category}_result.jsonl")]
+        assert [r["id"] for r in rows] == [e.id for e in mt.select_entries(corpus[category], 2)]
+        assert all(r["error"].startswith("prompt_too_long") for r in rows)  # 4096 positions, byte-level tokens
+        assert report["categories"][category]["total"] == 2
+    assert report["summary"]["multi_turn"] == {"value": 0.0, "missing": []}
+    assert "| Multi Turn" in (out / "report.md").read_text()
+    # a result file in BFCL's multi-turn format: three right entries and one wrong, re-scored by `score`
+    entries = mt.select_entries(corpus["multi_turn_miss_param"], 4)
+    rows = [{"id": e.id, "result": mt.keyword_trajectory(e, data_dir)} for e in entries]
+    rows[1]["result"][0] = ["[ls()]"]
+    scored_dir = tmp_path / "scored"
+    scored_dir.mkdir()
+    path = scored_dir / "multi_turn_miss_param_result.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    scored = main(["score", "--category", "multi_turn_miss_param", "--results", str(path)])
+    assert (scored["correct"], scored["total"]) == (3, 4) and sum(scored["reasons"].values()) == 1
+    again = main(["report", str(scored_dir)])
+    assert again["summary"]["multi_turn"]["value"] == 0.75
+    assert again["summary"]["multi_turn"]["missing"] == [c for c in mt.MULTI_TURN_CATEGORIES if "miss_param" not in c]
+    table = main(["compare", str(out), str(scored_dir), "--out", str(tmp_path / "cmp.png")])
+    assert "| Multi Turn | 0.00 | 75.00 | +75.00 |" in table["markdown"]
+    path.write_text('{"id": "nope", "result": []}\n')
+    with pytest.raises(SystemExit, match="not in category"):
+        main(["score", "--category", "multi_turn_miss_param", "--results", str(path)])
+
+
+if __name__ == "__main__":  # full-corpus parity (PYTHONPATH=. python tests/test_multiturn.py): 800 entries, all mutations
+    import collections
+    import time
+    directory = _data_dir()
+    checker = load_official_multi_turn()
+    start = time.time()
+    agree, total, valid, by_label = 0, 0, 0, collections.Counter()
+    for cat in mt.MULTI_TURN_CATEGORIES:
+        raw = raw_entries(directory, cat)
+        for entry in mt.load_multi_turn(cat, directory):
+            rng = random.Random(entry.id)
+            kw = mt.keyword_trajectory(entry, directory)
+            for label, result in [("keyword", kw), ("verbatim", mt.verbatim_trajectory(entry))] + \
+                    mutated_trajectories(entry, kw, rng):
+                ours = mt.check_entry(result, entry, directory).valid
+                theirs = official_verdict(checker, result, raw[entry.id], entry.ground_truth)
+                total += 1
+                agree += ours == theirs
+                valid += theirs
+                if ours != theirs:
+                    by_label[label] += 1
+                    print("disagree", entry.id, label, ours, theirs)
+    print(f"{agree}/{total} verdicts agree ({valid} valid officially) ({time.time() - start:.0f} s); disagreements by mutation: {dict(by_label)}")
