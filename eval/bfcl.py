@@ -185,7 +185,8 @@ def select_subset(items: list[dict], limit: int | None, seed: int = SUBSET_SEED)
 
 
 def parse_categories(spec) -> list[str]:
-    """'simple_python,multiple' or a list -> validated category names. Shorthands: all, ast, non_live, live."""
+    """'simple_python,multiple' or a list -> validated category names. Shorthands: all (single-turn), ast, non_live,
+    live, multi_turn."""
     names = spec.split(",") if isinstance(spec, str) else list(spec)
     groups = {"all": CATEGORIES, "ast": AST_CATEGORIES, "non_live": NON_LIVE_AST, "live": LIVE_AST,
               "multi_turn": MULTI_TURN_CATEGORIES}
@@ -306,7 +307,8 @@ def evaluate_bfcl(model, tokenizer, categories: list[str], limit: int, rank: int
     """Greedy BFCL accuracy per category on the fixed subset select_subset(items, limit) (seed 0: the same items on
     every call and as `run --limit`), scored like `run` (BFCL decoding of prefill + completion). Items are
     sharded items[rank::world]; [correct, total] counts are summed with all_reduce. -> {category: accuracy}.
-    In the think format generation stops after the first </answer> (see generate_texts): same verdicts, faster."""
+    In the think format generation stops after the first </answer> (see generate_texts): same verdicts, faster.
+    Multi-turn categories run as episodes (eval.multiturn.evaluate_multi_turn), with one all_reduce of their own."""
     categories = parse_categories(categories)
     multi = [c for c in categories if c in MULTI_TURN_CATEGORIES]
     categories = [c for c in categories if c not in MULTI_TURN_CATEGORIES]

@@ -25,6 +25,7 @@ import inspect
 import json
 import os
 import random
+import re
 import types
 from dataclasses import dataclass, field
 
@@ -87,7 +88,6 @@ def _read_jsonl(path: str) -> list[dict]:
 
 
 def _newest(folder: str, category: str) -> str | None:
-    import re
     if not os.path.isdir(folder):
         return None
     pattern = re.compile(rf"BFCL_v(\d+)_{re.escape(category)}\.json")
@@ -582,6 +582,8 @@ def select_entries(entries: list[MultiTurnEntry], limit: int | None, seed: int =
     """The fixed random subset of `run --limit` (same draw as the single-turn categories: seed 0, data order)."""
     if limit is None or limit >= len(entries):
         return list(entries)
+    if limit < 0:
+        raise MultiTurnDataError(f"--limit must be >= 0, got {limit}")
     keep = sorted(random.Random(seed).sample(range(len(entries)), limit))
     return [entries[i] for i in keep]
 
