@@ -26,6 +26,7 @@ import json
 import os
 import random
 import re
+import sys
 import types
 from dataclasses import dataclass, field
 
@@ -144,7 +145,6 @@ def load_multi_turn(category: str, data_dir: str, limit: int | None = None) -> l
 
 def find_backend_dir(data_dir: str) -> str:
     """func_source_code/ next to a bfcl_eval data folder, else the installed package's (found on the path)."""
-    import sys
     candidates = [os.path.join(os.path.dirname(os.path.abspath(data_dir)), "eval_checker", "multi_turn_eval",
                                "func_source_code")]
     candidates += [os.path.join(root or ".", "bfcl_eval", "eval_checker", "multi_turn_eval", "func_source_code")
