@@ -177,7 +177,7 @@ def mutated_trajectories(entry, keyword, rng):
     result = copy.deepcopy(keyword)
     result[t] = [text(calls[::-1])]
     out.append(("reversed", result))
-    # a fenced answer, and an answer wrapped in <answer> tags
+    # a fenced answer
     result = copy.deepcopy(keyword)
     result[t] = ["```\n" + text(calls) + "\n```"]
     out.append(("fenced", result))
