@@ -89,7 +89,7 @@ class Config:
     # --- evaluation, logging, checkpoints ---
     eval_every: int = 0  # evaluate every N RL steps (0 = only before and after training)
     eval_limit: int = 40  # held-out records per evaluation (greedy; 0 = no evaluation)
-    eval_bfcl: str = ""  # comma-separated BFCL categories to evaluate as well (e.g. simple_python,multiple)
+    eval_bfcl: str = ""  # comma-separated BFCL categories to evaluate as well (e.g. simple_python,multi_turn_base)
     eval_bfcl_limit: int = 20  # items per BFCL category (a fixed seeded subset)
     sample_every: int = 5  # write the step's completions to samples.jsonl every N steps
     save_every: int = 10  # checkpoint every N RL steps (the final step is always saved)

@@ -5,6 +5,9 @@
     python -m eval.bfcl report DIR                      # rebuild report.json / report.md from DIR's result files
     python -m eval.bfcl compare DIR_A DIR_B ...         # side-by-side table with deltas + a bar chart
 
+Multi-turn categories (multi_turn_base, _miss_func, _miss_param, _long_context; shorthand multi_turn) run as
+episodes on BFCL's simulated back-ends and are scored with BFCL's multi-turn rules: see eval/multiturn.py.
+
 `run` writes, per category, <category>_result.jsonl (BFCL's result format) and then report.json / report.md with
 per-category accuracy and the leaderboard's summary columns (see `summarize` for exactly how they are computed).
 
@@ -34,6 +37,8 @@ from tqdm import tqdm
 
 from data.calls import check_calls, decode_bfcl_result, render_prompt
 from data.validate import json_loads
+from eval import multiturn
+from eval.multiturn import MULTI_TURN_CATEGORIES
 
 # single-turn categories scored here; "simple" is accepted as a short name for simple_python
 AST_CATEGORIES = ("simple_python", "multiple", "parallel", "parallel_multiple", "live_simple", "live_multiple",
@@ -176,6 +181,9 @@ def read_results(path: str) -> list[dict]:
 
 
 def cmd_score(args) -> dict:
+    if args.category in MULTI_TURN_CATEGORIES:  # episodes re-executed on BFCL's back-ends (eval/multiturn.py)
+        data_dir = args.data_dir or find_data_dir()
+        return {"category": args.category, **multiturn.score_file(args.category, args.results, data_dir)}
     items = load_category(args.category, args.data_dir)
     rows = read_results(args.results)
     if not rows:
@@ -207,17 +215,20 @@ def select_subset(items: list[dict], limit: int | None, seed: int = SUBSET_SEED)
 
 
 def parse_categories(spec) -> list[str]:
-    """'simple_python,multiple' or a list -> validated category names. Shorthands: all, ast, non_live, live."""
+    """'simple_python,multiple' or a list -> validated category names. Shorthands: all (single-turn), ast, non_live,
+    live, multi_turn."""
     names = spec.split(",") if isinstance(spec, str) else list(spec)
-    groups = {"all": CATEGORIES, "ast": AST_CATEGORIES, "non_live": NON_LIVE_AST, "live": LIVE_AST}
+    groups = {"all": CATEGORIES, "ast": AST_CATEGORIES, "non_live": NON_LIVE_AST, "live": LIVE_AST,
+              "multi_turn": MULTI_TURN_CATEGORIES}
     out = []
     for name in (n.strip() for n in names):
         if not name:
             continue
         expanded = groups.get(name, [ALIASES.get(name, name)])
         for c in expanded:
-            if c not in CATEGORIES:
-                raise BFCLDataError(f"unknown or unsupported category {name!r}; choose from: {', '.join(CATEGORIES)} "
+            if c not in CATEGORIES + MULTI_TURN_CATEGORIES:
+                raise BFCLDataError(f"unknown or unsupported category {name!r}; choose from: "
+                                    f"{', '.join(CATEGORIES + MULTI_TURN_CATEGORIES)} "
                                     f"(or the groups {', '.join(groups)})")
             if c not in out:
                 out.append(c)
@@ -326,8 +337,17 @@ def evaluate_bfcl(model, tokenizer, categories: list[str], limit: int, rank: int
     """Greedy BFCL accuracy per category on the fixed subset select_subset(items, limit) (seed 0: the same items on
     every call and as `run --limit`), scored like `run` (BFCL decoding of prefill + completion). Items are
     sharded items[rank::world]; [correct, total] counts are summed with all_reduce. -> {category: accuracy}.
-    In the think format generation stops after the first </answer> (see generate_texts): same verdicts, faster."""
+    In the think format generation stops after the first </answer> (see generate_texts): same verdicts, faster.
+    Multi-turn categories run as episodes (eval.multiturn.evaluate_multi_turn), with one all_reduce of their own."""
     categories = parse_categories(categories)
+    multi = [c for c in categories if c in MULTI_TURN_CATEGORIES]
+    categories = [c for c in categories if c not in MULTI_TURN_CATEGORIES]
+    accuracy = multiturn.evaluate_multi_turn(
+        model, tokenizer, multi, limit, data_dir or find_data_dir(), rank=rank, world=world, all_reduce=all_reduce,
+        answer_format=answer_format, tools_as=tools_as, prefill=prefill, max_new_tokens=max_new_tokens,
+        batch_size=batch_size) if multi else {}
+    if not categories:
+        return accuracy
     items = []
     for category in categories:
         items += select_subset(load_category(category, data_dir), limit)[rank::world]
@@ -340,7 +360,8 @@ def evaluate_bfcl(model, tokenizer, categories: list[str], limit: int, rank: int
         counts[c, 0] += float(score_text(prefill + text, item)[0])
         counts[c, 1] += 1
     counts = all_reduce(counts)
-    return {cat: (counts[c, 0] / counts[c, 1].clamp(min=1)).item() for c, cat in enumerate(categories)}
+    return {**{cat: (counts[c, 0] / counts[c, 1].clamp(min=1)).item() for c, cat in enumerate(categories)},
+            **accuracy}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -349,7 +370,7 @@ def evaluate_bfcl(model, tokenizer, categories: list[str], limit: int, rank: int
 NON_LIVE_AST = ("simple_python", "multiple", "parallel", "parallel_multiple")
 LIVE_AST = ("live_simple", "live_multiple", "live_parallel", "live_parallel_multiple")
 SIMPLE_LANGUAGES = ("simple_python",)  # the leaderboard's "simple" also averages simple_java, simple_javascript
-SUMMARY_COLUMNS = ("overall", "non_live_ast", "live", "irrelevance", "relevance")
+SUMMARY_COLUMNS = ("overall", "non_live_ast", "live", "irrelevance", "relevance", "multi_turn")
 
 AGGREGATION_DOC = """\
 How the summary columns are computed (the rules of the BFCL leaderboard's aggregation, v3/v4):
@@ -362,6 +383,9 @@ How the summary columns are computed (the rules of the BFCL leaderboard's aggreg
   number estimates the full-data Live score (it is not the pooled accuracy of the evaluated items).
 - Irrelevance = unweighted mean of irrelevance and live_irrelevance; Relevance = live_relevance.
 - Overall (the paper's) = mean of Non-Live AST and Live.
+- Multi Turn = unweighted mean of multi_turn_base, multi_turn_miss_func, multi_turn_miss_param and
+  multi_turn_long_context (the leaderboard's Multi Turn Overall Acc); an entry is right when BFCL's multi-turn
+  checker passes every turn (state equal to the ground truth's, its execution results among the model's).
 - A column whose parts were not all evaluated is the mean (or weighted mean) of the parts that were, marked with
   * and its missing parts listed; the leaderboard would count a missing part as 0.
 - Items are scored with BFCL's decoding: the <answer> content when present, else the whole text, parsed as a
@@ -398,15 +422,17 @@ def summarize(per_category: dict, full_counts: dict | None = None) -> dict:
     relevance = column(acc.get("live_relevance"), ("live_relevance",))
     overall = {"value": _mean([v for v in (non_live["value"], live["value"]) if v is not None]),
                "missing": non_live["missing"] + live["missing"]}
+    multi_turn = column(_mean([acc[c] for c in MULTI_TURN_CATEGORIES if c in acc]), MULTI_TURN_CATEGORIES)
     return {"overall": overall, "non_live_ast": non_live, "live": live, "irrelevance": irrelevance,
-            "relevance": relevance}
+            "relevance": relevance, "multi_turn": multi_turn}
 
 
 # ----------------------------------------------------------------------------------------------------
 # Reports
 
 COLUMN_TITLES = {"overall": "Overall (mean of Non-Live AST and Live)", "non_live_ast": "Non-Live AST",
-                 "live": "Live", "irrelevance": "Irrelevance", "relevance": "Relevance"}
+                 "live": "Live", "irrelevance": "Irrelevance", "relevance": "Relevance",
+                 "multi_turn": "Multi Turn (mean of the four multi-turn categories)"}
 
 
 def _pct(x) -> str:
@@ -424,9 +450,16 @@ def build_report(out_dir: str, data_dir: str | None = None, meta: dict | None = 
     timings = {**old.get("timing", {}).get("per_category", {}), **meta.pop("per_category_timing", {})}
     answer_format = meta.get("settings", old.get("settings", {})).get("answer_format", "think")
     per_category = {}
-    for category in CATEGORIES:
+    for category in CATEGORIES + MULTI_TURN_CATEGORIES:
         path = os.path.join(out_dir, f"{category}_result.jsonl")
         if not os.path.exists(path):
+            continue
+        if category in MULTI_TURN_CATEGORIES:  # no strict column: the training reward is single-turn
+            scored = multiturn.score_file(category, path, data_dir or find_data_dir())
+            per_category[category] = {"accuracy": scored["accuracy"], "correct": scored["correct"],
+                                      "total": scored["total"], "strict_accuracy": None, "reasons": scored["reasons"],
+                                      "n_full": len(multiturn.load_multi_turn(category, data_dir or find_data_dir())),
+                                      **({"timing": timings[category]} if category in timings else {})}
             continue
         items = load_category(category, data_dir)
         rows = read_results(path)
@@ -526,7 +559,9 @@ def cmd_run(args) -> dict:
     if not os.path.isdir(data_dir):
         raise BFCLDataError(f"--data-dir {data_dir} does not exist; the BFCL data ships in bfcl-eval: "
                             f"{INSTALL} (then leave out --data-dir)")
-    selected = {c: select_subset(load_category(c, data_dir), args.limit) for c in categories}
+    selected = {c: multiturn.select_entries(multiturn.load_multi_turn(c, data_dir), args.limit, SUBSET_SEED)
+                if c in MULTI_TURN_CATEGORIES else select_subset(load_category(c, data_dir), args.limit)
+                for c in categories}
     model_dir = _model_dir(args.model)
     settings = resolve_settings(args, model_dir)
     settings.update(stop_at_answer=settings["answer_format"] == "think" and not args.no_stop_at_answer,
@@ -551,6 +586,14 @@ def cmd_run(args) -> dict:
     for category, items in selected.items():
         bar.set_postfix_str(category)
         t0 = time.time()
+        if category in MULTI_TURN_CATEGORIES:  # episodes on BFCL's back-ends (eval/multiturn.py)
+            multiturn.run_category(model, tokenizer, category, items, data_dir,
+                                   os.path.join(out_dir, f"{category}_result.jsonl"), settings, args.batch_size,
+                                   greedy=not args.sample, temperature=args.temperature, seed=args.seed, bar=bar)
+            seconds = time.time() - t0
+            generate_s += seconds
+            per_category_timing[category] = {"seconds": seconds, "items_per_s": len(items) / max(seconds, 1e-9)}
+            continue
         prompts = [item_prompt(tokenizer, it, settings["answer_format"], settings["tools_as"], settings["prefill"])
                    for it in items]
         texts = generate_texts(model, tokenizer, prompts, args.max_new_tokens, args.batch_size,
@@ -596,8 +639,8 @@ def compare_table(reports: list[dict], labels: list[str]) -> tuple[list[str], li
     Scores are fractions (None where a report lacks the row)."""
     rows = []
     for key in SUMMARY_COLUMNS:
-        rows.append([COLUMN_TITLES[key].split(" (")[0]] + [r["summary"][key]["value"] for r in reports])
-    for category in CATEGORIES:
+        rows.append([COLUMN_TITLES[key].split(" (")[0]] + [r["summary"].get(key, {}).get("value") for r in reports])
+    for category in CATEGORIES + MULTI_TURN_CATEGORIES:
         if any(category in r["categories"] for r in reports):
             rows.append([category] + [r["categories"].get(category, {}).get("accuracy") for r in reports])
     header = ["", *labels] + [f"Δ {label}" for label in labels[1:]]
@@ -645,8 +688,8 @@ def main(argv=None):
     p = sub.add_parser("run", help="generate with a model on BFCL categories, write result files and a report")
     p.add_argument("--model", default="smollm2-135m", help="smollm2-135m, a model or checkpoint directory, a run "
                    "directory (its newest checkpoint), or a Hugging Face id in the local cache")
-    p.add_argument("--categories", default="ast", help="comma-separated categories, or all / ast / non_live / live "
-                   f"(categories: {', '.join(CATEGORIES)})")
+    p.add_argument("--categories", default="ast", help="comma-separated categories, or all (single-turn) / ast / "
+                   f"non_live / live / multi_turn (categories: {', '.join(CATEGORIES + MULTI_TURN_CATEGORIES)})")
     p.add_argument("--limit", type=int, default=None, help="items per category: a fixed random subset (seed 0)")
     p.add_argument("--out", default=None, help="output folder (default runs/bfcl/<model>)")
     p.add_argument("--batch-size", type=int, default=16, help="prompts per generate call (sorted by length)")
@@ -667,8 +710,9 @@ def main(argv=None):
     p.add_argument("--dtype", default="auto")
     p.add_argument("--data-dir", default=None, help="folder laid out like bfcl_eval/data (default: the installed package)")
     p = sub.add_parser("score", help="score a results file (BFCL's {id, result} JSON lines)")
-    p.add_argument("--category", required=True, help=f"one of: {', '.join(CATEGORIES)}")
-    p.add_argument("--results", required=True, help="JSON lines of {\"id\": ..., \"result\": \"raw model text\"}")
+    p.add_argument("--category", required=True, help=f"one of: {', '.join(CATEGORIES + MULTI_TURN_CATEGORIES)}")
+    p.add_argument("--results", required=True, help="JSON lines of {\"id\": ..., \"result\": \"raw model text\"} "
+                   "(multi-turn: \"result\" is a list of turns, each a list of step texts)")
     p.add_argument("--data-dir", default=None, help="folder laid out like bfcl_eval/data (default: the installed package)")
     p = sub.add_parser("report", help="re-score DIR's <category>_result.jsonl files into report.json / report.md")
     p.add_argument("dir")
@@ -682,7 +726,7 @@ def main(argv=None):
     commands = {"run": cmd_run, "score": cmd_score, "report": cmd_report, "compare": cmd_compare}
     try:
         out = commands[args.command](args)
-    except BFCLDataError as e:
+    except (BFCLDataError, multiturn.MultiTurnDataError) as e:
         raise SystemExit(f"error: {e}")
     if args.command == "score":
         print(json.dumps(out))
