@@ -21,6 +21,7 @@ import socket
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -102,6 +103,10 @@ class ServerJudge:
         if concurrency < 1 or timeout <= 0 or retries < 0:
             raise ValueError("--judge-concurrency must be >= 1, --judge-timeout > 0 and --judge-retries >= 0")
         self.url = chat_completions_url(base_url)
+        # a server on this machine is reached directly: an HTTP(S)_PROXY from the environment could not reach it
+        host = urllib.parse.urlsplit(self.url).hostname or ""
+        self._opener = urllib.request.build_opener(
+            *([urllib.request.ProxyHandler({})] if host in ("localhost", "127.0.0.1", "::1") else []))
         self.model, self.concurrency, self.timeout, self.retries = model, concurrency, timeout, retries
         self.backoff, self.max_backoff, self.max_tokens = backoff, max_backoff, max_tokens
         self.api_key_env = api_key_env  # the name only; the value is read per request and never kept
@@ -195,7 +200,7 @@ class ServerJudge:
         req = urllib.request.Request(self.url, data=payload, headers=headers, method="POST")
         deadline = time.monotonic() + self.timeout
         try:
-            resp = urllib.request.urlopen(req, timeout=self.timeout)
+            resp = self._opener.open(req, timeout=self.timeout)
         except urllib.error.HTTPError as e:
             with e:
                 return e.code, e.headers, _read_until(e, deadline, self.timeout)

@@ -194,3 +194,12 @@ def test_server_killed_mid_run_then_rerun_loses_nothing_and_repays_nothing(serve
     asked_again = events(log2, "request")
     assert not answered & set(asked_again)  # no reply received before was paid for twice
     assert len(asked_again) == len(set(asked_again)) == 40 - len(answered)
+
+
+def test_loopback_server_is_reached_directly_even_with_a_proxy_set(server, tmp_path, monkeypatch):
+    url, log = server()
+    monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")  # nothing listens there: a proxied request would fail
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
+    data = write_records(tmp_path / "in.jsonl", 2)
+    prepare([data], tmp_path / "out", judge=judge(url, tmp_path, retries=0), batch_size=8, progress=False)
+    assert len(events(log, "request")) == 2
