@@ -4,6 +4,7 @@ and split into train/val.
 
     python -m data.prepare --input xlam_function_calling_60k.json --out data/xlam --judge-model M --rounds 2
     python -m data.prepare --input a.jsonl b.jsonl --out DIR --skip-llm
+    python -m data.prepare --input ... --out DIR --judge-url http://host:8000/v1 --judge-model M   # a served judge
 
 Input formats (auto-detected per record, or forced with --format):
   xlam      xLAM / APIGen rows: "query", "tools" and "answers" (the last two JSON strings or lists)
@@ -16,7 +17,9 @@ Input formats (auto-detected per record, or forced with --format):
 Input files are JSON lines, or one JSON array (as xLAM ships).
 
 Outputs in DIR: train.jsonl, val.jsonl (split by a hash of the id), rejects.jsonl (each with the stage
-and reason), stats.json (counts per stage and reason) and run.json (the settings). Every input record
+and reason), stats.json (counts per stage and reason, and the overlap with BFCL), run.json (the settings),
+bfcl_overlap.jsonl (records that overlap BFCL, see data/overlap.py) and, with --judge-url, judge_cache.jsonl
+(every reply received, see data/judge.py). Every input record
 lands in exactly one of train, val or rejects. Outputs are written append-only, one flushed line per
 record; rerunning the same command after an interruption skips the ids already written.
 """
