@@ -38,6 +38,17 @@ class JudgeUnavailable(RuntimeError):
     """The server could not answer after all retries, or refused the whole run (bad key, URL or model)."""
 
 
+class NotSent(JudgeUnavailable):
+    """A queued request dropped because another one failed for good."""
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """Redirects are not followed: urllib would resend the Authorization header to wherever they point."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None
+
+
 @dataclass
 class JudgeCounters:
     requests: int = 0  # HTTP requests sent, retries included
@@ -106,7 +117,7 @@ class ServerJudge:
         # a server on this machine is reached directly: an HTTP(S)_PROXY from the environment could not reach it
         host = urllib.parse.urlsplit(self.url).hostname or ""
         self._opener = urllib.request.build_opener(
-            *([urllib.request.ProxyHandler({})] if host in ("localhost", "127.0.0.1", "::1") else []))
+            _NoRedirect, *([urllib.request.ProxyHandler({})] if host in ("localhost", "127.0.0.1", "::1") else []))
         self.model, self.concurrency, self.timeout, self.retries = model, concurrency, timeout, retries
         self.backoff, self.max_backoff, self.max_tokens = backoff, max_backoff, max_tokens
         self.api_key_env = api_key_env  # the name only; the value is read per request and never kept
@@ -139,7 +150,8 @@ class ServerJudge:
                         errors.append(e)
         if errors:
             done = len(todo) - len(errors)
-            raise JudgeUnavailable(f"{errors[0]} ({len(errors)} of {len(todo)} requests in this batch failed; "
+            cause = next((e for e in errors if not isinstance(e, NotSent)), errors[0])
+            raise JudgeUnavailable(f"{cause} ({len(errors)} of {len(todo)} requests in this batch failed; "
                                    f"the {done} replies received are cached)")
         return replies
 
@@ -154,7 +166,7 @@ class ServerJudge:
         last = ""
         for attempt in range(self.retries + 1):
             if self._stop.is_set():
-                raise JudgeUnavailable("not sent: an earlier request failed for good")
+                raise NotSent("not sent: an earlier request failed for good")
             if attempt:
                 self.counters.add("retries")
             wait = None
@@ -183,7 +195,9 @@ class ServerJudge:
                     self._stop.set()
                     hint = {401: f"check the API key in ${self.api_key_env}",
                             403: f"check the API key in ${self.api_key_env}",
-                            404: "check --judge-url (it should end in /v1) and --judge-model (the served name)"}
+                            404: "check --judge-url (it should end in /v1) and --judge-model (the served name)",
+                            **dict.fromkeys((301, 302, 303, 307, 308), "the server redirects: pass the URL it "
+                                            "redirects to (redirects are not followed, so the key never moves)")}
                     raise JudgeUnavailable(f"HTTP {status} from {self.url}: {_server_message(raw)}"
                                            + (f"; {hint[status]}" if status in hint else ""))
             if attempt < self.retries:

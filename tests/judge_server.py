@@ -9,7 +9,7 @@ than the model's context).
 
 It prints "PORT <n>" once listening. Every request and every completed reply is appended to --log as a JSON
 line with a hash of the request's messages, so a test counts on the server side what was asked and answered.
---die-after N: once N replies have been sent, the next request kills the process (no reply).
+--die-after N: N requests are answered; the next one kills the process (no reply).
 """
 import argparse
 import hashlib
@@ -27,14 +27,14 @@ def main():
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--log", required=True)
     ap.add_argument("--first", default="", choices=["", "429", "500", "slow", "malformed"])
-    ap.add_argument("--always", default="", choices=["", "malformed", "401"])
+    ap.add_argument("--always", default="", choices=["", "malformed", "401", "302"])
     ap.add_argument("--slow", type=float, default=2.0)
     ap.add_argument("--die-after", type=int, default=0)
     ap.add_argument("--expect-key", default="", help="log whether the Authorization header carries this key")
     args = ap.parse_args()
     lock = threading.Lock()
     seen: set = set()
-    state = {"replies": 0}
+    state = {"granted": 0}  # requests let through to a reply (counted on arrival, so --die-after is exact)
 
     def log(obj):
         with lock, open(args.log, "a") as f:
@@ -55,6 +55,10 @@ def main():
             self.wfile.write(body)
             self.wfile.flush()
 
+        def do_GET(self):  # only a followed redirect would get here
+            log({"event": "request", "key": "", "path": self.path, "auth": self.headers.get("Authorization")})
+            self.send(404, b'{"error": {"message": "no such route"}}')
+
         def do_POST(self):
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             messages = body["messages"]
@@ -62,14 +66,17 @@ def main():
             with lock:
                 first = key not in seen
                 seen.add(key)
-                if args.die_after and state["replies"] >= args.die_after:
+                if args.die_after and state["granted"] >= args.die_after:
                     os.kill(os.getpid(), signal.SIGKILL)
+                state["granted"] += 1
             entry = {"event": "request", "key": key, "path": self.path, "model": body.get("model")}
             if args.expect_key:
                 entry["auth_ok"] = self.headers.get("Authorization") == f"Bearer {args.expect_key}"
             log(entry)
             if args.always == "401":
                 return self.send(401, b'{"error": {"message": "invalid api key"}}')
+            if args.always == "302":
+                return self.send(302, b"", [("Location", "/elsewhere/chat/completions")])
             if args.always == "malformed":
                 return self.send(200, b'{"choices": [')
             if first and args.first == "429":
@@ -91,8 +98,6 @@ def main():
                 self.send(200, json.dumps(reply).encode())
             except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout): not a reply received
                 return
-            with lock:
-                state["replies"] += 1
             log({"event": "reply", "key": key})
 
     server = ThreadingHTTPServer(("127.0.0.1", args.port), Handler)

@@ -203,3 +203,14 @@ def test_loopback_server_is_reached_directly_even_with_a_proxy_set(server, tmp_p
     data = write_records(tmp_path / "in.jsonl", 2)
     prepare([data], tmp_path / "out", judge=judge(url, tmp_path, retries=0), batch_size=8, progress=False)
     assert len(events(log, "request")) == 2
+
+
+def test_redirects_are_not_followed(server, tmp_path, monkeypatch):
+    url, log = server("--always", "302")
+    monkeypatch.setenv("FUNRL_TEST_JUDGE_KEY", "sk-never-moves")
+    data = write_records(tmp_path / "in.jsonl", 3)
+    with pytest.raises(JudgeUnavailable, match="redirects"):
+        prepare([data], tmp_path / "out", progress=False, batch_size=8,
+                judge=judge(url, tmp_path, concurrency=1, api_key_env="FUNRL_TEST_JUDGE_KEY"))
+    paths = [json.loads(line)["path"] for line in log.read_text().splitlines()]
+    assert paths == ["/v1/chat/completions"]  # one request, never re-sent to the Location
