@@ -214,3 +214,17 @@ def test_redirects_are_not_followed(server, tmp_path, monkeypatch):
                 judge=judge(url, tmp_path, concurrency=1, api_key_env="FUNRL_TEST_JUDGE_KEY"))
     paths = [json.loads(line)["path"] for line in log.read_text().splitlines()]
     assert paths == ["/v1/chat/completions"]  # one request, never re-sent to the Location
+
+
+def test_a_half_written_cache_line_is_dropped_and_the_cache_stays_valid(server, tmp_path):
+    url, log = server()
+    cache = tmp_path / "cache.jsonl"
+    first = judge(url, tmp_path)
+    prompts = [[{"role": "user", "content": f"please call f with x={i}"}] for i in range(3)]
+    replies = first(prompts[:2])
+    cache.write_bytes(cache.read_bytes() + b'{"key": "abc", "rep')  # the process died mid-write
+    second = judge(url, tmp_path)
+    assert second(prompts) == replies + [replies[0]]  # the server answers every prompt the same way
+    assert len(events(log, "request")) == 3  # only the third prompt was sent again
+    lines = cache.read_text().splitlines()
+    assert len(lines) == 3 and all(json.loads(line)["reply"] for line in lines)
