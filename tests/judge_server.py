@@ -9,7 +9,7 @@ than the model's context).
 
 It prints "PORT <n>" once listening. Every request and every completed reply is appended to --log as a JSON
 line with a hash of the request's messages, so a test counts on the server side what was asked and answered.
---die-after N: N requests are answered; the next one kills the process (no reply).
+--die-after N: N requests are answered; the next one kills the process (no reply) once those N replies are out.
 """
 import argparse
 import hashlib
@@ -34,7 +34,7 @@ def main():
     args = ap.parse_args()
     lock = threading.Lock()
     seen: set = set()
-    state = {"granted": 0}  # requests let through to a reply (counted on arrival, so --die-after is exact)
+    state = {"granted": 0, "sent": 0}  # requests let through to a reply (on arrival), replies sent
 
     def log(obj):
         with lock, open(args.log, "a") as f:
@@ -66,9 +66,13 @@ def main():
             with lock:
                 first = key not in seen
                 seen.add(key)
-                if args.die_after and state["granted"] >= args.die_after:
-                    os.kill(os.getpid(), signal.SIGKILL)
-                state["granted"] += 1
+                die = args.die_after and state["granted"] >= args.die_after
+                state["granted"] += not die
+            if die:  # let the replies already granted go out, then die without answering this one
+                deadline = time.time() + 10
+                while state["sent"] < args.die_after and time.time() < deadline:
+                    time.sleep(0.01)
+                os.kill(os.getpid(), signal.SIGKILL)
             entry = {"event": "request", "key": key, "path": self.path, "model": body.get("model")}
             if args.expect_key:
                 entry["auth_ok"] = self.headers.get("Authorization") == f"Bearer {args.expect_key}"
@@ -96,9 +100,12 @@ def main():
                                   "finish_reason": "stop"}]}
             try:
                 self.send(200, json.dumps(reply).encode())
+                log({"event": "reply", "key": key})
             except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout): not a reply received
-                return
-            log({"event": "reply", "key": key})
+                pass
+            finally:
+                with lock:
+                    state["sent"] += 1
 
     server = ThreadingHTTPServer(("127.0.0.1", args.port), Handler)
     server.daemon_threads = True
