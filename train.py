@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from data.calls import format_calls, render_prompt
 from data.default import load_default, load_records
+from eval.track import Tracker, open_tracker
 from model.compat import enable_activation_checkpointing
 from model.load import (latest_checkpoint, load_model, load_tokenizer, pick_device, prune_checkpoints, save_checkpoint,
                         save_policy, set_rng_state)
@@ -95,6 +96,7 @@ class Config:
     save_every: int = 10  # checkpoint every N RL steps (the final step is always saved)
     keep_last: int = 2  # checkpoints to keep
     resume: str = ""  # "auto" = continue from the newest complete checkpoint in out_dir, or a checkpoint path
+    report_to: Literal["none", "tensorboard", "wandb"] = "none"  # also log metrics, config, samples there (optional)
 
     def validate(self) -> str:
         if self.group_size < 2:
@@ -145,6 +147,7 @@ def main(argv=None):
     if master:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(config_to_json(cfg))
+    tracker = open_tracker(cfg.report_to, run_dir, json.loads(config_to_json(cfg))) if master else Tracker()
     torch.manual_seed(cfg.seed)
 
     # ---------------------------------------------------------------- data
@@ -250,6 +253,7 @@ def main(argv=None):
         if master:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
+            tracker.log_row(row)
 
     # ---------------------------------------------------------------- supervised warm-up (cold start)
     if cfg.sft_steps > 0 and resume_from is None and start_from == cfg.model:
@@ -510,10 +514,13 @@ def main(argv=None):
         bar.set_postfix(reward=f"{row['reward']:.2f}", kl=f"{row['kl']:.4f}", H=f"{row['cot_entropy']:.2f}",
                         s=f"{elapsed:.1f}")
         if master and cfg.sample_every and (step + 1) % cfg.sample_every == 0:
+            samples = [{"step": step + 1, "id": rec["id"], "prompt": rec["messages"][-1]["content"],
+                        "completion": cfg.prefill + text, "reward": r, "reason": why}
+                       for rec, text, r, why in zip(batch["records"], batch["texts"], batch["rewards"],
+                                                    batch["reasons"])]
             with open(run_dir / "samples.jsonl", "a") as f:
-                for rec, text, r, why in zip(batch["records"], batch["texts"], batch["rewards"], batch["reasons"]):
-                    f.write(json.dumps({"step": step + 1, "id": rec["id"], "prompt": rec["messages"][-1]["content"],
-                                        "completion": cfg.prefill + text, "reward": r, "reason": why}) + "\n")
+                f.writelines(json.dumps(sample) + "\n" for sample in samples)
+            tracker.log_samples(step + 1, samples)
 
         # 5) evaluation and checkpoint
         last = step + 1 == cfg.steps
@@ -538,6 +545,7 @@ def main(argv=None):
     # ---------------------------------------------------------------- summary
     if master:
         write_metrics({"phase": "summary", **evals})
+        tracker.close()
         (run_dir / "summary.json").write_text(json.dumps(evals, indent=2))
         try:
             from eval.plot import plot_runs

@@ -4,6 +4,7 @@ and split into train/val.
 
     python -m data.prepare --input xlam_function_calling_60k.json --out data/xlam --judge-model M --rounds 2
     python -m data.prepare --input a.jsonl b.jsonl --out DIR --skip-llm
+    python -m data.prepare --input ... --out DIR --judge-url http://host:8000/v1 --judge-model M   # a served judge
 
 Input formats (auto-detected per record, or forced with --format):
   xlam      xLAM / APIGen rows: "query", "tools" and "answers" (the last two JSON strings or lists)
@@ -16,9 +17,11 @@ Input formats (auto-detected per record, or forced with --format):
 Input files are JSON lines, or one JSON array (as xLAM ships), UTF-8 with or without a byte-order mark.
 
 Outputs in DIR: train.jsonl, val.jsonl (split by a hash of the id), rejects.jsonl (each with the stage
-and reason), stats.json (counts per stage and reason) and run.json (the settings). Every input record
-lands in exactly one of train, val or rejects, whatever it holds: an error raised while handling
-one record rejects that record and the run goes on. Outputs are written append-only, one flushed line per
+and reason), stats.json (counts per stage and reason, and the overlap with BFCL), run.json (the settings),
+bfcl_overlap.jsonl (records that overlap BFCL, see data/overlap.py) and, with --judge-url, judge_cache.jsonl
+(every reply received, see data/judge.py). Every input record lands in exactly one of train, val or rejects,
+whatever it holds: an error raised while handling one record rejects that record and the run goes on. Outputs
+are written append-only, one flushed line per
 record; rerunning the same command after an interruption skips the ids already written.
 """
 from __future__ import annotations
@@ -35,6 +38,8 @@ from collections import Counter
 from pathlib import Path
 
 from data.calls import CallSyntaxError, parse_python_calls
+from data.judge import JudgeUnavailable, ServerJudge
+from data.overlap import report_outputs
 from data.validate import (RecordError, check_structure, infer_category, json_loads, load_records,  # noqa: F401
                            normalize_tool, validate_calls, validate_record)
 
@@ -732,28 +737,67 @@ def main(argv=None):
     ap.add_argument("--format", default="auto", choices=FORMATS)
     ap.add_argument("--judge-model", default=None,
                     help="HF causal LM (id or directory) that judges and corrects the samples; "
-                         "smollm2-135m runs on CPU but only exercises the path")
+                         "smollm2-135m runs on CPU but only exercises the path. With --judge-url: the served "
+                         "model's name")
+    ap.add_argument("--judge-url", default=None,
+                    help="OpenAI-compatible server (vLLM, SGLang, llama.cpp, a hosted API), e.g. "
+                         "http://localhost:8000/v1: judge with it instead of loading a model here")
+    ap.add_argument("--judge-concurrency", type=int, default=8, help="--judge-url: requests in flight")
+    ap.add_argument("--judge-timeout", type=float, default=120.0, help="--judge-url: seconds per request")
+    ap.add_argument("--judge-retries", type=int, default=6,
+                    help="--judge-url: retries (exponential backoff) on 429, 5xx, timeouts and malformed replies")
+    ap.add_argument("--judge-api-key-env", default="OPENAI_API_KEY",
+                    help="--judge-url: environment variable holding the API key (sent as a bearer token if set; "
+                         "never written anywhere)")
     ap.add_argument("--rounds", type=int, default=2, help="correction rounds K before the final judgement")
     ap.add_argument("--skip-llm", action="store_true", help="AST validation only")
     ap.add_argument("--val-fraction", type=float, default=0.05)
-    ap.add_argument("--judge-batch", type=int, default=16, help="records judged per generation batch")
+    ap.add_argument("--judge-batch", type=int, default=None,
+                    help="records judged together (default 16; with --judge-url 4 x --judge-concurrency)")
     ap.add_argument("--judge-max-new-tokens", type=int, default=384)
-    ap.add_argument("--device", default="auto")
+    ap.add_argument("--device", default=None, help="local judge model only: auto (default), cpu, cuda")
+    ap.add_argument("--bfcl-data", default=None,
+                    help="BFCL data folder for the overlap report (default: the installed bfcl-eval package)")
+    ap.add_argument("--drop-bfcl-overlap", action="store_true",
+                    help="move records that overlap BFCL from train/val to rejects (stage bfcl-overlap)")
     args = ap.parse_args(argv)
     if not args.skip_llm and not args.judge_model:
-        ap.error("choose a judge with --judge-model (a strong model on GPU; smollm2-135m only exercises the "
-                 "path on CPU) or pass --skip-llm for AST validation only")
+        ap.error("choose a judge with --judge-model (a strong model on GPU, or the served model's name with "
+                 "--judge-url; smollm2-135m only exercises the path on CPU) or pass --skip-llm for AST "
+                 "validation only")
+    if args.judge_url and args.device is not None:
+        ap.error("--device applies to a local judge model; with --judge-url the server decides (drop --device)")
     for p in args.input:
         if not os.path.isfile(p):
             ap.error(f"input file not found: {p}")
     judge = None
-    if not args.skip_llm:
+    if not args.skip_llm and args.judge_url:
+        try:
+            judge = ServerJudge(args.judge_url, args.judge_model, concurrency=args.judge_concurrency,
+                                timeout=args.judge_timeout, retries=args.judge_retries,
+                                max_tokens=args.judge_max_new_tokens, api_key_env=args.judge_api_key_env,
+                                cache_path=Path(args.out) / "judge_cache.jsonl")
+        except ValueError as e:
+            ap.error(str(e))
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+    elif not args.skip_llm:
         from model.load import load  # the judge model is loaded only when asked for
-        model, tokenizer = load(args.judge_model, device=args.device)
+        model, tokenizer = load(args.judge_model, device=args.device or "auto")
         judge = hf_judge(model.eval(), tokenizer, max_new_tokens=args.judge_max_new_tokens)
-    stats = prepare(args.input, args.out, fmt=args.format, judge=judge, rounds=args.rounds,
-                    val_fraction=args.val_fraction, batch_size=args.judge_batch,
-                    settings={"judge_model": args.judge_model})
+    batch = args.judge_batch or (4 * args.judge_concurrency if args.judge_url else 16)
+    # the server's address may change between reruns (a restarted server); the judge model may not
+    settings = {"judge_model": args.judge_model, **({"judge_server": True} if args.judge_url else {})}
+    try:
+        stats = prepare(args.input, args.out, fmt=args.format, judge=judge, rounds=args.rounds,
+                        val_fraction=args.val_fraction, batch_size=batch, settings=settings)
+    except JudgeUnavailable as e:
+        raise SystemExit(f"judge server: {e}. Every record written so far is kept, and every reply received is "
+                         f"cached in {Path(args.out) / 'judge_cache.jsonl'}: rerun the same command to resume.")
+    stats = report_outputs(args.out, stats, bfcl_dir=args.bfcl_data, drop=args.drop_bfcl_overlap)
+    if args.judge_url:
+        stats["this_run"]["judge_server"] = judge.counters.as_dict()
+        print(f"[judge] {args.judge_url}: {judge.counters.as_dict()}")
+    (Path(args.out) / "stats.json").write_text(json.dumps(stats, indent=1, sort_keys=True) + "\n")
     print(json.dumps({k: stats[k] for k in ("total", "train", "val", "rejected", "rejected_by_reason",
                                             "repairs", "judge_corrected")}))
 
