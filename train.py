@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from data.calls import PromptFormat
 from data.default import load_default, load_records
+from eval.track import Tracker, open_tracker
 from model.checkpoint import (drop_rows_after, latest_checkpoint, prune_checkpoints, resume_training,
                               save_training_checkpoint, save_warmed_up_policy)
 from model.compat import enable_activation_checkpointing
@@ -102,6 +103,7 @@ class Config:
     save_every: int = 10  # checkpoint every N RL steps (the final step is always saved)
     keep_last: int = 2  # checkpoints to keep (0 = all)
     resume: str = ""  # "auto" = continue from the newest complete checkpoint in out_dir, or a checkpoint path
+    report_to: Literal["none", "tensorboard", "wandb"] = "none"  # also log metrics, config, samples there (optional)
 
     def __post_init__(self):
         """Every constraint, checked when the config is built (from the command line or in Python)."""
@@ -165,10 +167,12 @@ def main(argv=None):
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(run_files["run_config.json"])
         (run_dir / "prompt_format.json").write_text(run_files["prompt_format.json"])
+    tracker = open_tracker(cfg.report_to, run_dir, json.loads(run_files["run_config.json"])) if d.master else Tracker()
 
     def write_row(row: dict):
         if d.master:
             append_row(run_dir / "metrics.jsonl", row)
+            tracker.log_row(row)
 
     torch.manual_seed(seed_for(cfg.seed, "torch"))
     train_records, val_records = load_data(cfg)
@@ -263,7 +267,7 @@ def main(argv=None):
         bar.set_postfix(reward=f"{row['reward']:.2f}", kl=f"{row['kl']:.4f}", H=f"{row['cot_entropy']:.2f}",
                         s=f"{elapsed:.1f}")
         if d.master and cfg.sample_every and (step + 1) % cfg.sample_every == 0:
-            write_samples(run_dir / "samples.jsonl", step + 1, batch, cfg.prefill)
+            tracker.log_samples(step + 1, write_samples(run_dir / "samples.jsonl", step + 1, batch, cfg.prefill))
 
         # 6) evaluation and checkpoint
         last = step + 1 == cfg.steps
@@ -281,6 +285,7 @@ def main(argv=None):
 
     if d.master:
         write_summary(run_dir, evals, write_row)
+        tracker.close()
     d.close()
 
 

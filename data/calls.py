@@ -39,14 +39,21 @@ REASON_CODES = (
 MAX_TEXT_CHARS = 200_000     # whole completion; longer text is refused before any regex work
 MAX_ANSWER_CHARS = 50_000    # the part handed to the Python/JSON parser
 MAX_DEPTH = 100              # nesting of values / expressions inside one call list
-MAX_INT_BITS = 4096          # constant folding: no integer bigger than this
-MAX_STR_CHARS = 100_000      # constant folding: no string longer than this
+MAX_INT_BITS = 4096          # no integer bigger than this (a literal or a folded result)
+MAX_FOLDED_SIZE = 100_000    # elements constant folding may create in one answer, nested copies counted
+MAX_KEY_SIZE = 1_000         # elements (characters for a string) of one dict key
+MAX_REASON_CHARS = 300       # a failure reason is cut to this length
 
 
 def reason_code(reason: str) -> str:
     """The code of a reason, the key metrics and reports count it under: "wrong_value: x=3 ..." -> "wrong_value";
     "format:no_think" stays whole."""
     return reason.split(": ", 1)[0]
+
+
+def _bounded(reason: str) -> str:
+    # reasons are logged with every sample: a value quoted in one must not make it large
+    return reason if len(reason) <= MAX_REASON_CHARS else reason[:MAX_REASON_CHARS - 3] + "..."
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -270,26 +277,59 @@ class Parsed:
 _NUMBER = (int, float, complex)
 
 
+class _Reader:
+    """What reading one call list carries along: the elements constant folding may still create, and whether
+    only JSON literals are accepted (data preparation) rather than BFCL's readings of names and calls."""
+
+    def __init__(self, literal_only: bool = False):
+        self.fold_left = MAX_FOLDED_SIZE
+        self.literal_only = literal_only
+
+    def spend(self, size: int) -> None:
+        self.fold_left -= size
+        if self.fold_left < 0:
+            raise CallSyntaxError(f"constant folding over {MAX_FOLDED_SIZE} elements")
+
+
+def _folded_size(x, limit: int) -> int:
+    """Elements inside x counted as if every shared reference were a copy (a string counts its characters):
+    what hashing, comparing or printing x costs. Counting stops once past `limit`."""
+    total, stack = 0, [x]
+    while stack and total <= limit:
+        v = stack.pop()
+        if isinstance(v, str):
+            total += len(v)
+        elif isinstance(v, (list, tuple)):
+            total += len(v)
+            stack.extend(v)
+        elif isinstance(v, dict):
+            total += len(v)
+            stack.extend(v)
+            stack.extend(v.values())
+    return total
+
+
 def _check_number(x):
     if isinstance(x, int) and x.bit_length() > MAX_INT_BITS:
         raise CallSyntaxError("number too large")
     return x
 
 
-def _fold_binop(node: ast.BinOp, depth: int):
-    """Numeric constant arithmetic (and str + str), folded without evaluating any text."""
-    left, right = _value(node.left, depth + 1), _value(node.right, depth + 1)
+def _fold_binop(node: ast.BinOp, depth: int, reader: _Reader):
+    """Numeric constant arithmetic and sequence + / * int, folded without evaluating any text. Every folded
+    sequence is charged to the answer's budget at its nested size, so (((0,)*n,)*n,)*n cannot build up."""
+    left, right = _value(node.left, depth + 1, reader), _value(node.right, depth + 1, reader)
     op = type(node.op)
     sequence = (str, list, tuple)
     if op is ast.Add and type(left) is type(right) and isinstance(left, sequence):
-        if len(left) + len(right) > MAX_STR_CHARS:
-            raise CallSyntaxError("value too long")
+        reader.spend(_folded_size(left, reader.fold_left) + _folded_size(right, reader.fold_left))
         return left + right
     if op is ast.Mult and (isinstance(left, sequence) and type(right) is int
                            or type(left) is int and isinstance(right, sequence)):
         seq, times = (left, right) if isinstance(left, sequence) else (right, left)
-        if len(seq) * max(times, 0) > MAX_STR_CHARS:
-            raise CallSyntaxError("value too long")
+        if times <= 0 or not seq:
+            return seq[:0]
+        reader.spend(_folded_size(seq, reader.fold_left // times) * times)
         return seq * times
     if not (isinstance(left, _NUMBER) and isinstance(right, _NUMBER)):
         raise CallSyntaxError(f"unsupported expression: {type(left).__name__} {op.__name__} {type(right).__name__}")
@@ -338,44 +378,48 @@ def _source_text(node: ast.AST, depth: int) -> str:
     return ast.unparse(node)
 
 
-def _value(node: ast.AST, depth: int = 0):
+def _value(node: ast.AST, depth: int, reader: _Reader):
     """A literal value from an AST node, following BFCL's decoding for everything realistic."""
     if depth > MAX_DEPTH:
         raise CallSyntaxError("nested too deeply")
     if isinstance(node, ast.Constant):
-        return "..." if node.value is Ellipsis else node.value
+        return "..." if node.value is Ellipsis else _check_number(node.value)
     if isinstance(node, ast.UnaryOp):
         # only a sign in front of a number constant; a plus keeps the sign (BFCL negates it: a bug)
         if isinstance(node.operand, ast.Constant) and isinstance(node.operand.value, (bool, *_NUMBER)):
             if isinstance(node.op, ast.USub):
-                return -node.operand.value
+                return -_check_number(node.operand.value)
             if isinstance(node.op, ast.UAdd):
-                return +node.operand.value
+                return +_check_number(node.operand.value)
         raise CallSyntaxError(f"unsupported unary expression: {_short(node)}")
     if isinstance(node, ast.List):
-        return [_value(v, depth + 1) for v in node.elts]
+        return [_value(v, depth + 1, reader) for v in node.elts]
     if isinstance(node, ast.Tuple):
-        return tuple(_value(v, depth + 1) for v in node.elts)
+        return tuple(_value(v, depth + 1, reader) for v in node.elts)
     if isinstance(node, ast.Dict):
         out = {}
         for k, v in zip(node.keys, node.values):
             if k is None:
                 raise CallSyntaxError("dict unpacking (**) is not a literal")
-            key = _value(k, depth + 1)
+            key = _value(k, depth + 1, reader)
+            if _folded_size(key, MAX_KEY_SIZE) > MAX_KEY_SIZE:
+                raise CallSyntaxError(f"dict key over {MAX_KEY_SIZE} elements")
             try:
-                out[key] = _value(v, depth + 1)
+                out[key] = _value(v, depth + 1, reader)
             except TypeError:
                 raise CallSyntaxError("unhashable dict key") from None
         return out
     if isinstance(node, ast.BinOp):
-        return _fold_binop(node, depth)
+        return _fold_binop(node, depth, reader)
+    if reader.literal_only:
+        raise CallSyntaxError(f"not a literal: {_short(node)}")
     if isinstance(node, ast.Name):
         # a bare name is read as its own text (BFCL: a variable reference such as x=my_var or flag=true)
         return node.id
     if isinstance(node, ast.Call):
         if not node.keywords:
             return _source_text(node, depth)   # BFCL keeps a positional-only call as its source text
-        return _call_as_value(node, depth)
+        return {_call_name(node): _call_args(node, depth, reader)}
     if isinstance(node, ast.Subscript):
         return _subscript_text(node, depth)    # likewise a subscript such as data[0]
     raise CallSyntaxError(f"unsupported value: {type(node).__name__}")
@@ -404,14 +448,12 @@ def _call_name(node: ast.Call) -> str:
     return ".".join(reversed(parts))
 
 
-def _call_args(node: ast.Call, depth: int) -> dict:
+def _call_args(node: ast.Call, depth: int, reader: _Reader) -> dict:
     # positional arguments are dropped (as BFCL's decoder does); the checker then reports the parameters
     # they were meant for as missing
-    return {kw.arg: _value(kw.value, depth + 1) for kw in node.keywords}
-
-
-def _call_as_value(node: ast.Call, depth: int) -> dict:
-    return {_call_name(node): _call_args(node, depth)}
+    if reader.literal_only and (node.args or any(kw.arg is None for kw in node.keywords)):
+        raise CallSyntaxError(f"positional or ** argument: {_short(node)}")
+    return {kw.arg: _value(kw.value, depth + 1, reader) for kw in node.keywords}
 
 
 def bfcl_trim(text: str) -> str:
@@ -425,11 +467,14 @@ def bfcl_trim(text: str) -> str:
     return text
 
 
-def parse_python_calls(text: str) -> list[dict]:
-    """Decode a Python-style call list, BFCL's way, without executing anything. Raises CallSyntaxError."""
+def parse_python_calls(text: str, literal_only: bool = False) -> list[dict]:
+    """Decode a Python-style call list, BFCL's way, without executing anything. Raises CallSyntaxError.
+
+    literal_only (data preparation): the text as written, no BFCL trimming; callees are dotted names, arguments
+    keywords, values JSON literals (names, calls and subscripts are errors, not their text)."""
     if len(text) > MAX_ANSWER_CHARS:
         raise CallSyntaxError(f"answer longer than {MAX_ANSWER_CHARS} characters")
-    source = bfcl_trim(text)
+    source = text if literal_only else bfcl_trim(text)
     try:
         tree = ast.parse(source, mode="eval")
     except (SyntaxError, ValueError, MemoryError, RecursionError) as e:
@@ -441,11 +486,22 @@ def parse_python_calls(text: str) -> list[dict]:
         nodes = body.elts
     else:
         raise CallSyntaxError(f"not a list of calls: {type(body).__name__}")
+    reader = _Reader(literal_only)
     calls = []
     for node in nodes:
         if not isinstance(node, ast.Call):
             raise CallSyntaxError(f"list item is not a call: {_short(node)}")
-        calls.append({"name": _call_name(node), "arguments": _call_args(node, 0)})
+        func = node.func
+        while isinstance(func, ast.Attribute):
+            func = func.value
+        if literal_only and not isinstance(func, ast.Name):
+            raise CallSyntaxError(f"callee is not a dotted name: {_short(node.func)}")
+        calls.append({"name": _call_name(node), "arguments": _call_args(node, 0, reader)})
+    if literal_only:
+        try:
+            json.dumps(calls)
+        except (TypeError, ValueError):
+            raise CallSyntaxError("a value is not a JSON value (bytes, complex, ...)") from None
     return calls
 
 
@@ -455,10 +511,7 @@ def _json_call(obj) -> dict:
     name = obj.get("name", obj.get("function"))
     args = obj.get("arguments", obj.get("parameters", {}))
     if isinstance(args, str):
-        try:
-            args = json.loads(args)
-        except ValueError:
-            raise CallSyntaxError("arguments string is not JSON") from None
+        args = _json_loads(args)
     if not isinstance(name, str) or not isinstance(args, dict):
         raise CallSyntaxError('call must be {"name": str, "arguments": {...}}')
     return {"name": name, "arguments": args}
@@ -468,9 +521,24 @@ def _json_loads(text: str):
     if len(text) > MAX_ANSWER_CHARS:
         raise CallSyntaxError(f"answer longer than {MAX_ANSWER_CHARS} characters")
     try:
-        return json.loads(text)
+        value = json.loads(text)
     except (ValueError, RecursionError):
         raise CallSyntaxError("not valid JSON") from None
+    if nesting_exceeds(value, MAX_DEPTH):
+        raise CallSyntaxError("nested too deeply")
+    return value
+
+
+def nesting_exceeds(value, limit: int) -> bool:
+    """Whether lists / tuples / dicts nest deeper than `limit` (walked level by level, without recursion)."""
+    containers = (list, tuple, dict)
+    level, depth = [value] if isinstance(value, containers) else [], 0
+    while level:
+        if depth >= limit:
+            return True
+        level = [c for v in level for c in (v.values() if isinstance(v, dict) else v) if isinstance(c, containers)]
+        depth += 1
+    return False
 
 
 def parse_json_calls(text: str) -> list[dict]:
@@ -590,7 +658,7 @@ def _parse_completion(text, answer_format: str) -> Parsed:
     try:
         calls = _decode(answer, answer_format)
     except CallSyntaxError as e:
-        return Parsed(None, think=think, answer=answer, error=f"format:parse_error: {e}")
+        return Parsed(None, think=think, answer=answer, error=_bounded(f"format:parse_error: {e}"))
     except (RecursionError, MemoryError, ValueError, TypeError) as e:
         return Parsed(None, think=think, answer=answer, error=f"format:parse_error: {type(e).__name__}")
     return Parsed(calls, think=think, answer=answer)
@@ -725,7 +793,8 @@ def _check_value(param: str, value, schema, allowed: list) -> str:
             reasons = [_dict_match(value, a) for a in allowed if not (type(a) is str and a == "")]
             if "" in reasons:
                 return ""
-            return (reasons[-1] if reasons else "wrong_value") + f" (in {param})"
+            reason = reasons[-1] if reasons else "wrong_value"
+            return f"{reason} (in {param})" if ": " in reason else f"{reason}: {param}"  # the code stays first
         if expected is list and nested is dict:
             for a in allowed:
                 a_list = a if isinstance(a, list) else []   # an allowed "" is an empty list here
@@ -780,11 +849,16 @@ def check_one(call: dict, tool: dict | None, expected: dict) -> str:
 
 
 def check_calls(calls: list[dict] | None, ground_truth: list[dict], tools: list[dict], category: str):
-    """BFCL verdict for decoded calls. Returns (ok, reason); reason is '' when ok.
+    """BFCL verdict for decoded calls. Returns (ok, reason); reason is '' when ok (at most MAX_REASON_CHARS).
 
     calls: decoded calls, or None when the output did not decode (counts as 'no call').
     ground_truth: BFCL's list of {function_name: {param: [allowed values]}} ("" allowed = omittable).
     """
+    ok, reason = _check_calls(calls, ground_truth, tools, category)
+    return ok, _bounded(reason)
+
+
+def _check_calls(calls, ground_truth, tools, category):
     kind = category_kind(category)
     if kind == "irrelevance":
         return (True, "") if not calls else (False, f"irrelevance:made_call: {calls[0].get('name')!r}")

@@ -4,6 +4,7 @@ and split into train/val.
 
     python -m data.prepare --input xlam_function_calling_60k.json --out data/xlam --judge-model M --rounds 2
     python -m data.prepare --input a.jsonl b.jsonl --out DIR --skip-llm
+    python -m data.prepare --input ... --out DIR --judge-url http://host:8000/v1 --judge-model M   # a served judge
 
 Input formats (auto-detected per record, or forced with --format):
   xlam      xLAM / APIGen rows: "query", "tools" and "answers" (the last two JSON strings or lists)
@@ -13,17 +14,20 @@ Input formats (auto-detected per record, or forced with --format):
             blocks (Hermes, ToolACE); tools from a "tools" field or a <tools>...</tools> block in the system
             prompt; a Python-style call list "[f(a=1)]" is read too
   canonical records already in the canonical format (see data/validate.py)
-Input files are JSON lines, or one JSON array (as xLAM ships).
+Input files are JSON lines, or one JSON array (as xLAM ships), UTF-8 with or without a byte-order mark.
 
 Outputs in DIR: train.jsonl, val.jsonl (split by a hash of the id), rejects.jsonl (each with the stage
-and reason), stats.json (counts per stage and reason) and run.json (the settings). Every input record
-lands in exactly one of train, val or rejects. Outputs are written append-only, one flushed line per
+and reason), stats.json (counts per stage and reason, and the overlap with BFCL), run.json (the settings),
+bfcl_overlap.jsonl (records that overlap BFCL, see data/overlap.py) and, with --judge-url, judge_cache.jsonl
+(every reply received, see data/judge.py). Every input record lands in exactly one of train, val or rejects,
+whatever it holds: an error raised while handling one record rejects that record and the run goes on. Outputs
+are written append-only, one flushed line per
 record; rerunning the same command after an interruption skips the ids already written.
 """
 from __future__ import annotations
 
 import argparse
-import ast
+import codecs
 import hashlib
 import json
 import os
@@ -33,8 +37,11 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from data.validate import (RecordError, check_structure, infer_category, load_records, normalize_tool,  # noqa: F401
-                           validate_calls, validate_record)
+from data.calls import CallSyntaxError, parse_python_calls
+from data.judge import JudgeUnavailable, ServerJudge
+from data.overlap import report_outputs
+from data.validate import (RecordError, check_structure, infer_category, json_loads, load_records,  # noqa: F401
+                           normalize_tool, validate_calls, validate_record)
 
 FORMATS = ("auto", "xlam", "bfcl", "hermes", "canonical")
 OUTPUT_FILES = ("train.jsonl", "val.jsonl", "rejects.jsonl")
@@ -43,52 +50,112 @@ OUTPUT_FILES = ("train.jsonl", "val.jsonl", "rejects.jsonl")
 # ============================================================================ reading
 
 def read_items(path):
-    """Yield (where, obj, error) for each record of a JSONL file or a JSON-array file.
-    A line that is not UTF-8 or not JSON gives obj=None and a RecordError; reading goes on."""
+    """Yield (where, obj, error) for each record of a JSONL file or a JSON-array file (a byte-order mark is
+    skipped). A record that cannot be read gives obj=None and a RecordError; reading goes on."""
     path = str(path)
     try:
         with open(path, "rb") as f:
-            data = f.read()
+            data = f.read().removeprefix(codecs.BOM_UTF8)
     except OSError as e:
         yield f"{path}:0", None, RecordError("read:unreadable", f"cannot open {path}: {e.strerror}")
         return
-    if data.lstrip()[:1] == b"[":  # one JSON array (xLAM ships that way), else JSON lines
-        try:
-            items = json.loads(data.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            items = None
-        if isinstance(items, list):
-            for i, obj in enumerate(items):
-                yield f"{path}:[{i}]", obj, None
-            return
+    if _is_json_array(data):  # one JSON array (xLAM ships that way), else JSON lines
+        yield from _array_items(path, data)
+        return
     for lineno, raw in enumerate(data.split(b"\n"), 1):
         if not raw.strip():
             continue
         where = f"{path}:{lineno}"
         try:
-            text = raw.decode("utf-8")
+            text = raw.decode("utf-8-sig")
         except UnicodeDecodeError as e:
             yield where, None, RecordError("read:not-utf8", f"byte {e.start}: {e.reason}")
             continue
         try:
-            yield where, json.loads(text), None
-        except json.JSONDecodeError as e:
-            yield where, None, RecordError("read:bad-json", f"{e.msg} at column {e.colno}")
+            yield where, json_loads(text), None
+        except ValueError as e:
+            yield where, None, RecordError("read:bad-json", str(e))
+
+
+def _is_json_array(data: bytes) -> bool:
+    """A file starting with '[' is one JSON array unless its first line is a complete JSON value with more
+    lines after it (JSON lines whose records are arrays)."""
+    body = data.lstrip()
+    if body[:1] != b"[":
+        return False
+    first, _, rest = body.partition(b"\n")
+    if not rest.strip():
+        return True
+    try:
+        json.loads(first)
+    except (ValueError, RecursionError):
+        return True
+    return False
+
+
+def _array_items(path: str, data: bytes):
+    """The elements of a JSON array, decoded one by one, so that a bad element (too deep, an over-long number,
+    bytes that are not UTF-8 inside a string) is rejected alone and reading goes on after it."""
+    text = data.decode("utf-8", errors="surrogateescape")  # bad bytes in a string: the record check rejects it
+    decoder, ws = json.JSONDecoder(), re.compile(r"\s*")
+    pos, i = ws.match(text, text.index("[") + 1).end(), 0
+    if text.startswith("]", pos):
+        return
+    while True:
+        where = f"{path}:[{i}]"
+        try:
+            obj, end = decoder.raw_decode(text, pos)
+            item = (where, obj, None)
+        except (ValueError, RecursionError) as e:
+            why = (e.msg if isinstance(e, json.JSONDecodeError) else
+                   "nested too deeply" if isinstance(e, RecursionError) else "a number with too many digits")
+            end, item = _value_end(text, pos), (where, None, RecordError("read:bad-json", f"{why} at character {pos}"))
+        yield item
+        pos = ws.match(text, end).end()
+        i += 1
+        if text.startswith("]", pos) and not text[pos + 1:].strip():
+            return
+        if not text.startswith(",", pos):
+            yield f"{path}:[{i}...]", None, RecordError(
+                "read:bad-json", f"expected ',' or the closing ']' at character {pos}: the rest of the array "
+                                 "cannot be read (fix the file, or write it as JSON lines)")
+            return
+        pos = ws.match(text, pos + 1).end()
+
+
+def _value_end(text: str, pos: int) -> int:
+    """Where the JSON value starting at pos ends, by bracket matching (strings skipped): to go on after an
+    element the decoder refused. Stops before a ',' or a closing bracket at the value's own level."""
+    depth, n = 0, len(text)
+    while pos < n:
+        c = text[pos]
+        if c == '"':
+            pos += 1
+            while pos < n and text[pos] != '"':
+                pos += 2 if text[pos] == "\\" else 1
+        elif c in "[{":
+            depth += 1
+        elif c in "]}":
+            if depth == 0:
+                return pos
+            depth -= 1
+            if depth == 0:
+                return pos + 1
+        elif c == "," and depth == 0:
+            return pos
+        pos += 1
+    return n
 
 
 def count_items(path) -> int:
+    """Records in a file, for the progress bar."""
     try:
         with open(path, "rb") as f:
-            data = f.read()
+            data = f.read().removeprefix(codecs.BOM_UTF8)
     except OSError:
         return 1
-    if data.lstrip()[:1] == b"[":
-        try:
-            items = json.loads(data)
-            if isinstance(items, list):
-                return len(items)
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            pass
+    if _is_json_array(data):
+        return sum(1 for _ in _array_items(str(path), data))
     return sum(1 for line in data.split(b"\n") if line.strip())
 
 
@@ -135,9 +202,9 @@ def _as_list(value, field: str) -> list:
     """A list, or a JSON string holding one (xLAM stores tools and answers as strings)."""
     if isinstance(value, str):
         try:
-            value = json.loads(value)
-        except json.JSONDecodeError as e:
-            raise RecordError(f"convert:{field}-not-json", f"{e.msg} at column {e.colno}") from None
+            value = json_loads(value)
+        except ValueError as e:
+            raise RecordError(f"convert:{field}-not-json", str(e)) from None
     if isinstance(value, dict):
         value = [value]
     if not isinstance(value, list):
@@ -245,7 +312,9 @@ def _json_values(text: str) -> list:
             return out
         try:
             value, i = dec.raw_decode(text, m.start())
-        except json.JSONDecodeError:
+        except RecursionError:  # nested deeper than the decoder goes: no tool list from here on
+            return out
+        except ValueError:
             i = m.start() + 1
             continue
         out.extend(value if isinstance(value, list) else [value])
@@ -285,9 +354,9 @@ def from_hermes(raw: dict) -> dict:
         answers = []
         for b in blocks:
             try:
-                answers.append(_call(json.loads(b.strip())))
-            except json.JSONDecodeError as e:
-                raise RecordError("convert:bad-tool-call", f"<tool_call> block is not JSON: {e.msg}") from None
+                answers.append(_call(json_loads(b.strip())))
+            except ValueError as e:
+                raise RecordError("convert:bad-tool-call", f"<tool_call> block: {e}") from None
     else:
         answers = parse_call_list(reply) or []  # ToolACE writes "[f(a=1)]"; plain text = no call
     # the system turn that carried the tools is dropped: the trainer writes its own system prompt
@@ -299,7 +368,7 @@ def from_hermes(raw: dict) -> dict:
 
 def parse_call_list(text: str):
     """A list of calls written as JSON ([{"name", "arguments"}]) or Python-style ([f(a=1), g.h(b='x')]),
-    or None. Parsed with json/ast only: nothing is ever executed."""
+    or None. Python is read by data.calls' parser with literal values only: nothing is ever executed."""
     text = text.strip()
     if text.startswith("```"):
         text = text.strip("`").split("\n", 1)[-1] if "\n" in text else text.strip("`")
@@ -308,33 +377,15 @@ def parse_call_list(text: str):
         return None
     if text[0] in "[{":
         try:
-            value = json.loads(text)
+            value = json_loads(text)
             value = value if isinstance(value, list) else [value]
             return [_call(c) for c in value]
-        except (json.JSONDecodeError, RecordError):
+        except (ValueError, RecordError):
             pass
     try:
-        node = ast.parse(text, mode="eval").body
-    except (SyntaxError, ValueError, RecursionError):
+        return parse_python_calls(text, literal_only=True)
+    except CallSyntaxError:
         return None
-    nodes = node.elts if isinstance(node, (ast.List, ast.Tuple)) else [node]
-    calls = []
-    for n in nodes:
-        if not isinstance(n, ast.Call) or n.args:
-            return None
-        parts, f = [], n.func
-        while isinstance(f, ast.Attribute):
-            parts.append(f.attr)
-            f = f.value
-        if not isinstance(f, ast.Name):
-            return None
-        name = ".".join([f.id] + parts[::-1])
-        try:
-            args = {kw.arg: ast.literal_eval(kw.value) for kw in n.keywords if kw.arg is not None}
-        except (ValueError, TypeError, SyntaxError, RecursionError):
-            return None
-        calls.append({"name": name, "arguments": args})
-    return calls
 
 
 # ============================================================================ LLM evaluation
@@ -364,6 +415,8 @@ def judge_messages(rec: dict) -> list[dict]:
 def parse_verdict(text: str) -> dict:
     """Strict reading of a judge reply -> {"solvable", "correct", "answer", "error"}.
     Anything but exactly one SOLVABLE and one CORRECT line counts as "no" with error "judge:unparseable"."""
+    if not isinstance(text, str):
+        return {"solvable": None, "correct": False, "answer": None, "error": "judge:unparseable"}
     found = {}
     for key, rx in _VERDICT_RE.items():
         hits = rx.findall(text)
@@ -397,6 +450,7 @@ def llm_stage(records: list[dict], judge, rounds: int = 2) -> list:
         stage = "llm-final" if final else "llm"
         for i, reply in zip(pending, replies):
             rec, v = records[i], parse_verdict(reply)
+            reply = str(reply)
             state[i]["rounds"] = r + 1
             if v["error"] == "judge:unparseable":
                 results[i] = (None, (stage, "judge:unparseable", f"round {r + 1}: {reply[:300]!r}"))
@@ -412,7 +466,8 @@ def llm_stage(records: list[dict], judge, rounds: int = 2) -> list:
             else:
                 try:
                     fixed, _ = validate_calls(v["answer"], rec["tools"])
-                except RecordError as e:
+                except Exception as e:  # whatever the correction holds, it rejects this record only
+                    e = as_record_error(e, "ast")
                     results[i] = (None, (stage, "judge:correction-" + e.reason, f"round {r + 1}: {e.detail}"))
                     continue
                 rec["answers"] = fixed
@@ -529,19 +584,24 @@ def prepare(inputs, out_dir, fmt: str = "auto", judge=None, rounds: int = 2, val
         elif this_run["reported"] == 21:
             tqdm.write(f"... more unreadable records: see {out / 'rejects.jsonl'}", file=sys.stderr)
 
-    def write(name: str, obj: dict) -> None:
-        files[name].write(json.dumps(obj, ensure_ascii=False) + "\n")
+    def write(name: str, rec_id: str, line: str) -> None:
+        files[name].write(line + "\n")
         files[name].flush()
         this_run["written"] += 1
         if on_record is not None:
-            on_record(obj["id"])
+            on_record(rec_id)
 
     def reject(rec_id, where, stage, reason, detail, record) -> None:
-        write("rejects.jsonl", {"id": rec_id, "where": where, "stage": stage, "reason": reason,
-                                "detail": detail, "record": record})
+        write("rejects.jsonl", rec_id, reject_line({"id": rec_id, "where": where, "stage": stage, "reason": reason,
+                                                    "detail": str(detail)[:MAX_DETAIL_CHARS], "record": record}))
 
-    def keep(rec: dict) -> None:
-        write(split_of(rec["id"], val_fraction) + ".jsonl", rec)
+    def keep(rec: dict, where: str) -> None:
+        try:
+            line = check_structure(rec)  # again: a repair or a correction can make a record unreadable
+        except RecordError as e:
+            reject(rec["id"], where, "write", e.reason, e.detail, None)
+            return
+        write(split_of(rec["id"], val_fraction) + ".jsonl", rec["id"], line)
 
     batch: list = []  # (record, where) waiting for the judge
 
@@ -551,7 +611,7 @@ def prepare(inputs, out_dir, fmt: str = "auto", judge=None, rounds: int = 2, val
         results = llm_stage([r for r, _ in batch], judge, rounds)
         for (rec, where), (kept, rej) in zip(batch, results):
             if kept is not None:
-                keep(kept)
+                keep(kept, where)
             else:
                 reject(rec["id"], where, *rej, rec)
         batch.clear()
@@ -570,14 +630,13 @@ def prepare(inputs, out_dir, fmt: str = "auto", judge=None, rounds: int = 2, val
                     continue
                 try:
                     rec = convert(raw, fmt, path)
-                except RecordError as e:
+                    rec["id"] = fallback_id if rec.get("id") is None else str(rec["id"])
+                except Exception as e:  # whatever a record holds, it is rejected alone: the run goes on
+                    e = as_record_error(e, "convert")
                     if fallback_id not in done:  # positional id: unconvertible records have no trusted id
                         reject(fallback_id, where, "convert", e.reason, e.detail, raw)
                         report(f"{where}: {e}")
                     continue
-                if rec.get("id") is None:
-                    rec["id"] = fallback_id
-                rec["id"] = str(rec["id"])
                 if rec["id"] in seen:  # same id twice in the input: the first one counts
                     dup_id = f"{rec['id']}@{fallback_id}"
                     if dup_id not in done:
@@ -590,13 +649,14 @@ def prepare(inputs, out_dir, fmt: str = "auto", judge=None, rounds: int = 2, val
                 try:
                     check_structure(rec)
                     repairs = validate_record(rec)
-                except RecordError as e:
+                except Exception as e:
+                    e = as_record_error(e, "ast")
                     reject(rec["id"], where, "ast", e.reason, e.detail, rec)
                     continue
                 if repairs:
                     rec["prep"] = {"repairs": repairs}
                 if judge is None:
-                    keep(rec)
+                    keep(rec, where)
                 else:
                     batch.append((rec, where))
                     if len(batch) >= batch_size:
@@ -612,6 +672,29 @@ def prepare(inputs, out_dir, fmt: str = "auto", judge=None, rounds: int = 2, val
                          "records_per_s": round(this_run["seen"] / max(seconds, 1e-9), 1)}
     (out / "stats.json").write_text(json.dumps(stats, indent=1, sort_keys=True) + "\n")
     return stats
+
+
+MAX_DETAIL_CHARS = 500  # a reject's detail is cut to this length
+
+
+def as_record_error(e: Exception, stage: str) -> RecordError:
+    """An exception raised while handling one record, as that record's rejection (never fatal to the run)."""
+    if isinstance(e, RecordError):
+        return e
+    return RecordError(f"{stage}:unexpected", f"{type(e).__name__}: {str(e)[:MAX_DETAIL_CHARS]}")
+
+
+def reject_line(obj: dict) -> str:
+    """A rejects.jsonl line, whatever the rejected record holds: lone surrogates are written as \\u escapes,
+    a record that is not JSON at all is left out (the detail says so)."""
+    try:
+        line = json.dumps(obj, ensure_ascii=False)
+        line.encode("utf-8")
+        return line
+    except UnicodeEncodeError:
+        return json.dumps(obj)
+    except (TypeError, ValueError, RecursionError) as e:
+        return json.dumps({**obj, "record": None, "detail": f"{obj['detail']} (record not stored: {type(e).__name__})"})
 
 
 def compute_stats(out_dir) -> dict:
@@ -654,28 +737,67 @@ def main(argv=None):
     ap.add_argument("--format", default="auto", choices=FORMATS)
     ap.add_argument("--judge-model", default=None,
                     help="HF causal LM (id or directory) that judges and corrects the samples; "
-                         "smollm2-135m runs on CPU but only exercises the path")
+                         "smollm2-135m runs on CPU but only exercises the path. With --judge-url: the served "
+                         "model's name")
+    ap.add_argument("--judge-url", default=None,
+                    help="OpenAI-compatible server (vLLM, SGLang, llama.cpp, a hosted API), e.g. "
+                         "http://localhost:8000/v1: judge with it instead of loading a model here")
+    ap.add_argument("--judge-concurrency", type=int, default=8, help="--judge-url: requests in flight")
+    ap.add_argument("--judge-timeout", type=float, default=120.0, help="--judge-url: seconds per request")
+    ap.add_argument("--judge-retries", type=int, default=6,
+                    help="--judge-url: retries (exponential backoff) on 429, 5xx, timeouts and malformed replies")
+    ap.add_argument("--judge-api-key-env", default="OPENAI_API_KEY",
+                    help="--judge-url: environment variable holding the API key (sent as a bearer token if set; "
+                         "never written anywhere)")
     ap.add_argument("--rounds", type=int, default=2, help="correction rounds K before the final judgement")
     ap.add_argument("--skip-llm", action="store_true", help="AST validation only")
     ap.add_argument("--val-fraction", type=float, default=0.05)
-    ap.add_argument("--judge-batch", type=int, default=16, help="records judged per generation batch")
+    ap.add_argument("--judge-batch", type=int, default=None,
+                    help="records judged together (default 16; with --judge-url 4 x --judge-concurrency)")
     ap.add_argument("--judge-max-new-tokens", type=int, default=384)
-    ap.add_argument("--device", default="auto")
+    ap.add_argument("--device", default=None, help="local judge model only: auto (default), cpu, cuda")
+    ap.add_argument("--bfcl-data", default=None,
+                    help="BFCL data folder for the overlap report (default: the installed bfcl-eval package)")
+    ap.add_argument("--drop-bfcl-overlap", action="store_true",
+                    help="move records that overlap BFCL from train/val to rejects (stage bfcl-overlap)")
     args = ap.parse_args(argv)
     if not args.skip_llm and not args.judge_model:
-        ap.error("choose a judge with --judge-model (a strong model on GPU; smollm2-135m only exercises the "
-                 "path on CPU) or pass --skip-llm for AST validation only")
+        ap.error("choose a judge with --judge-model (a strong model on GPU, or the served model's name with "
+                 "--judge-url; smollm2-135m only exercises the path on CPU) or pass --skip-llm for AST "
+                 "validation only")
+    if args.judge_url and args.device is not None:
+        ap.error("--device applies to a local judge model; with --judge-url the server decides (drop --device)")
     for p in args.input:
         if not os.path.isfile(p):
             ap.error(f"input file not found: {p}")
     judge = None
-    if not args.skip_llm:
+    if not args.skip_llm and args.judge_url:
+        try:
+            judge = ServerJudge(args.judge_url, args.judge_model, concurrency=args.judge_concurrency,
+                                timeout=args.judge_timeout, retries=args.judge_retries,
+                                max_tokens=args.judge_max_new_tokens, api_key_env=args.judge_api_key_env,
+                                cache_path=Path(args.out) / "judge_cache.jsonl")
+        except ValueError as e:
+            ap.error(str(e))
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+    elif not args.skip_llm:
         from model.load import load  # the judge model is loaded only when asked for
-        model, tokenizer = load(args.judge_model, device=args.device)
+        model, tokenizer = load(args.judge_model, device=args.device or "auto")
         judge = hf_judge(model.eval(), tokenizer, max_new_tokens=args.judge_max_new_tokens)
-    stats = prepare(args.input, args.out, fmt=args.format, judge=judge, rounds=args.rounds,
-                    val_fraction=args.val_fraction, batch_size=args.judge_batch,
-                    settings={"judge_model": args.judge_model})
+    batch = args.judge_batch or (4 * args.judge_concurrency if args.judge_url else 16)
+    # the server's address may change between reruns (a restarted server); the judge model may not
+    settings = {"judge_model": args.judge_model, **({"judge_server": True} if args.judge_url else {})}
+    try:
+        stats = prepare(args.input, args.out, fmt=args.format, judge=judge, rounds=args.rounds,
+                        val_fraction=args.val_fraction, batch_size=batch, settings=settings)
+    except JudgeUnavailable as e:
+        raise SystemExit(f"judge server: {e}. Every record written so far is kept, and every reply received is "
+                         f"cached in {Path(args.out) / 'judge_cache.jsonl'}: rerun the same command to resume.")
+    stats = report_outputs(args.out, stats, bfcl_dir=args.bfcl_data, drop=args.drop_bfcl_overlap)
+    if args.judge_url:
+        stats["this_run"]["judge_server"] = judge.counters.as_dict()
+        print(f"[judge] {args.judge_url}: {judge.counters.as_dict()}")
+    (Path(args.out) / "stats.json").write_text(json.dumps(stats, indent=1, sort_keys=True) + "\n")
     print(json.dumps({k: stats[k] for k in ("total", "train", "val", "rejected", "rejected_by_reason",
                                             "repairs", "judge_corrected")}))
 

@@ -23,7 +23,7 @@ import json
 import math
 import re
 
-from data.calls import TYPES
+from data.calls import TYPES, nesting_exceeds
 
 CATEGORIES = ("simple", "multiple", "parallel", "parallel_multiple", "irrelevance")
 ROLES = ("system", "user", "assistant", "tool")
@@ -33,6 +33,12 @@ ROLES = ("system", "user", "assistant", "tool")
 TYPE_NAMES = {name: json_name for name, (json_name, _, _) in TYPES.items()}
 _INT_RE = re.compile(r"[+-]?\d+")
 _NUM_RE = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+MAX_RECORD_DEPTH = 100   # nesting of lists / objects in a record; deeper records are refused
+MAX_NUMBER_CHARS = 100   # a numeric string longer than this is not repaired into a number
+
+
+class DataError(ValueError):
+    """A data file that cannot be used: the one-line message names the file (and line) and what to do."""
 
 
 class RecordError(Exception):
@@ -45,12 +51,45 @@ class RecordError(Exception):
         self.detail = detail
 
 
+# ----------------------------------------------------------------------------- JSON text
+
+def json_loads(text: str):
+    """json.loads that fails only with ValueError and a one-line message, whatever the text holds
+    (a byte-order mark is skipped; nesting too deep for the decoder and over-long integers are errors)."""
+    try:
+        return json.loads(text.removeprefix("\ufeff"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"not valid JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise ValueError("JSON nested too deeply to read") from None
+    except ValueError:  # int() refuses integers of over 4300 digits
+        raise ValueError("a number with too many digits") from None
+
+
+def record_line(rec) -> str:
+    """The JSON line of a record; RecordError if it cannot be one (text that is not valid Unicode, NaN or
+    infinity, values that are not JSON). check_structure checks the nesting first."""
+    try:
+        line = json.dumps(rec, ensure_ascii=False, allow_nan=False)
+        line.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise RecordError("record:unicode", f"text holds a lone surrogate ({e.object[e.start:e.end]!a}) or "
+                                            "bytes that are not UTF-8") from None
+    except ValueError:
+        raise RecordError("record:number", "NaN or infinity is not a JSON number") from None
+    except (TypeError, RecursionError) as e:
+        raise RecordError("record:not-json", f"{type(e).__name__}: {str(e)[:200]}") from None
+    return line
+
+
 # ----------------------------------------------------------------------------- record structure
 
-def check_structure(rec) -> None:
-    """Raise RecordError("record:...") if `rec` is not shaped like a canonical record."""
+def check_structure(rec) -> str:
+    """Raise RecordError("record:...") if `rec` is not shaped like a canonical record; else its JSON line."""
     if not isinstance(rec, dict):
         raise RecordError("record:not-an-object", f"expected a JSON object, got {type(rec).__name__}")
+    if nesting_exceeds(rec, MAX_RECORD_DEPTH):
+        raise RecordError("record:too-deep", f"lists/objects nested deeper than {MAX_RECORD_DEPTH} levels")
     if not isinstance(rec.get("id"), str) or not rec["id"]:
         raise RecordError("record:id", "field 'id' must be a non-empty string")
     msgs = rec.get("messages")
@@ -70,9 +109,9 @@ def check_structure(rec) -> None:
             raise RecordError("record:tools", f"tools[{i}] has no name")
         p = t.get("parameters", {})
         if not isinstance(p, dict) or not isinstance(p.get("properties", {}), dict) \
-                or not isinstance(p.get("required", []), list):
+                or not isinstance(p.get("required", []), list) or not all(isinstance(r, str) for r in p.get("required", [])):
             raise RecordError("record:tools", f"tools[{i}] ({t['name']}): 'parameters' must be "
-                                              "{'type': 'object', 'properties': {...}, 'required': [...]}")
+                                              "{'type': 'object', 'properties': {...}, 'required': [names]}")
     answers = rec.get("answers")
     if not isinstance(answers, list):
         raise RecordError("record:answers", "field 'answers' must be a list of calls ([] = no call)")
@@ -82,6 +121,7 @@ def check_structure(rec) -> None:
     for key in ("reasoning", "difficulty", "source"):
         if key in rec and not isinstance(rec[key], str):
             raise RecordError("record:" + key, f"optional field {key!r} must be a string")
+    return record_line(rec)
 
 
 def infer_category(tools: list, answers: list) -> str:
@@ -93,27 +133,32 @@ def infer_category(tools: list, answers: list) -> str:
 
 
 def load_records(path) -> list[dict]:
-    """Read a canonical JSONL file, checking every record's structure.
-    Raises ValueError naming file:line and what is wrong."""
+    """Read a canonical JSONL file (a byte-order mark is skipped), checking every record's structure.
+    Raises DataError (a ValueError) with one line naming the file (and line) and what is wrong."""
     records = []
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                rec = json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError as e:
-                raise ValueError(f"{where}: not UTF-8 text ({e.reason}); canonical files are UTF-8 JSONL") from None
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON ({e.msg} at column {e.colno}); "
-                                 "one record per line") from None
-            try:
-                check_structure(rec)
-            except RecordError as e:
-                raise ValueError(f"{where}: {e}. Convert it first: python -m data.prepare --input ... --out DIR") \
-                    from None
-            records.append(rec)
+    try:
+        with open(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                if not raw.strip():
+                    continue
+                where = f"{path}:{lineno}"
+                try:
+                    rec = json_loads(raw.decode("utf-8-sig"))
+                except UnicodeDecodeError as e:
+                    raise DataError(f"{where}: not UTF-8 text ({e.reason}); canonical files are UTF-8 JSONL") from None
+                except ValueError as e:
+                    raise DataError(f"{where}: {e}; canonical files hold one JSON record per line") from None
+                try:
+                    check_structure(rec)
+                except RecordError as e:
+                    raise DataError(f"{where}: {e}. Convert it first: python -m data.prepare --input ... --out DIR") \
+                        from None
+                records.append(rec)
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e.strerror or e}; pass a canonical JSONL file "
+                        "(made by python -m data.prepare)") from None
+    if not records:
+        raise DataError(f"{path} holds no records; pass a canonical JSONL file (made by python -m data.prepare)")
     return records
 
 
@@ -150,8 +195,8 @@ def validate_calls(calls, tools: list) -> tuple[list, list[str]]:
         args = call.get("arguments", {})
         if isinstance(args, str):  # OpenAI-style arguments as a JSON string
             try:
-                args = json.loads(args)
-            except json.JSONDecodeError:
+                args = json_loads(args)
+            except ValueError:
                 raise RecordError("ast:not-a-call", f"{name}: arguments are a string that is not JSON") from None
             repairs.append(f"arguments-from-json-string:{name}")
         if not isinstance(args, dict):
@@ -190,6 +235,8 @@ def _fit(value, spec, where: str, repairs: list):
                 pass
         raise RecordError("ast:type", f"{where}: {value!r:.60} fits none of the types {t}")
     kind = TYPE_NAMES.get(t, None) if isinstance(t, str) else None
+    if enum is not None and not isinstance(enum, list):
+        raise RecordError("ast:schema", f"{where}: 'enum' must be a list, got {type(enum).__name__}")
     if kind is not None:
         value = _fit_type(value, kind, spec, where, repairs)
     if enum is not None and kind == "array" and type(value) is list:  # BFCL puts item enums on the array
@@ -218,16 +265,16 @@ def _fit_type(value, kind: str, spec: dict, where: str, repairs: list):
         if vt is float and value.is_integer():
             repairs.append(f"int-from-float:{where}")
             return int(value)
-        if vt is str and _INT_RE.fullmatch(value.strip()):
+        if vt is str and len(value) <= MAX_NUMBER_CHARS and _INT_RE.fullmatch(value.strip()):
             repairs.append(f"int-from-string:{where}")
             return int(value)
     elif kind == "number":
         if vt is float or vt is int:
             return value
-        if vt is str and _NUM_RE.fullmatch(value.strip()):
+        if vt is str and len(value) <= MAX_NUMBER_CHARS and _NUM_RE.fullmatch(value.strip()) \
+                and math.isfinite(float(value)):
             repairs.append(f"number-from-string:{where}")
-            v = float(value)
-            return int(v) if _INT_RE.fullmatch(value.strip()) else v
+            return int(value) if _INT_RE.fullmatch(value.strip()) else float(value)
     elif kind == "boolean":
         if vt is bool:
             return value
@@ -237,8 +284,8 @@ def _fit_type(value, kind: str, spec: dict, where: str, repairs: list):
     elif kind == "array":
         if vt is str and value.lstrip().startswith("["):
             try:
-                decoded = json.loads(value)
-            except json.JSONDecodeError:
+                decoded = json_loads(value)
+            except ValueError:
                 decoded = None
             if type(decoded) is list:
                 repairs.append(f"array-from-json-string:{where}")
@@ -251,8 +298,8 @@ def _fit_type(value, kind: str, spec: dict, where: str, repairs: list):
     elif kind == "object":
         if vt is str and value.lstrip().startswith("{"):
             try:
-                decoded = json.loads(value)
-            except json.JSONDecodeError:
+                decoded = json_loads(value)
+            except ValueError:
                 decoded = None
             if type(decoded) is dict:
                 repairs.append(f"object-from-json-string:{where}")
@@ -264,7 +311,7 @@ def _fit_type(value, kind: str, spec: dict, where: str, repairs: list):
             # nested keys are typed when known; unknown nested keys are tolerated (schemas are often loose)
             fixed = {k: (_fit(v, props[k], f"{where}.{k}", repairs) if k in props else v) for k, v in value.items()}
             for k in spec.get("required", ()) if isinstance(spec.get("required"), list) else ():
-                if k not in fixed:
+                if isinstance(k, str) and k not in fixed:
                     raise RecordError("ast:missing-required", f"{where}: required field {k!r} is missing")
             return fixed
     elif kind == "null":

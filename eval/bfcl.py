@@ -5,6 +5,9 @@
     python -m eval.bfcl report DIR                      # rebuild report.json / report.md from DIR's result files
     python -m eval.bfcl compare DIR_A DIR_B ...         # side-by-side table with deltas + a bar chart
 
+Multi-turn categories (multi_turn_base, _miss_func, _miss_param, _long_context; shorthand multi_turn) run as
+episodes on BFCL's simulated back-ends and are scored with BFCL's multi-turn rules: see eval/multiturn.py.
+
 `run` writes, per category, <category>_result.jsonl (BFCL's result format) and then report.json / report.md with
 per-category accuracy and the leaderboard's summary columns (see `summarize` for exactly how they are computed).
 
@@ -34,6 +37,9 @@ import torch
 from tqdm import tqdm
 
 from data.calls import PromptFormat, check_calls, decode_bfcl_result, flatten_question, reason_code, render_prompt
+from data.validate import json_loads
+from eval import multiturn
+from eval.multiturn import MULTI_TURN_CATEGORIES
 
 # single-turn categories scored here; "simple" is accepted as a short name for simple_python
 AST_CATEGORIES = ("simple_python", "multiple", "parallel", "parallel_multiple", "live_simple", "live_multiple",
@@ -72,9 +78,24 @@ def _category_file(folder: str, category: str) -> str | None:
     return os.path.join(folder, max(found)[1]) if found else None
 
 
-def _read_jsonl(path: str) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+def _read_jsonl(path: str, what: str = "BFCL data") -> list[tuple[int, object]]:
+    """(line number, JSON value) for each line of a JSON-lines file (a byte-order mark is skipped); BFCLDataError
+    naming file:line and what is wrong otherwise."""
+    if not os.path.isfile(path):
+        raise BFCLDataError(f"{path} is not a file; pass the {what} file")
+    values = []
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                values.append((n, json_loads(raw.decode("utf-8-sig"))))
+            except UnicodeDecodeError as e:
+                raise BFCLDataError(f"{path}:{n}: not UTF-8 text ({e.reason}); {what} files are UTF-8 JSON lines") \
+                    from None
+            except ValueError as e:
+                raise BFCLDataError(f"{path}:{n}: {e}; {what} files hold one JSON object per line") from None
+    return values
 
 
 def load_category(category: str, data_dir: str | None = None, limit: int | None = None) -> list[dict]:
@@ -88,14 +109,16 @@ def load_category(category: str, data_dir: str | None = None, limit: int | None 
     if path is None:
         raise BFCLDataError(f"no BFCL_v*_{category}.json in {data_dir}: is this a BFCL data folder? (the data ships "
                             f"in bfcl-eval: {INSTALL}, then leave out --data-dir)")
-    entries = _read_jsonl(path)
+    entries = [entry for _, entry in _read_jsonl(path)]
+    if not all(isinstance(e, dict) and {"id", "question", "function"} <= e.keys() for e in entries):
+        raise BFCLDataError(f"{path}: every line must be a BFCL entry with id, question and function")
     answers = [None] * len(entries)
     if category in AST_CATEGORIES:
         answer_path = _category_file(os.path.join(data_dir, "possible_answer"), category)
         if answer_path is None:
             raise BFCLDataError(f"no possible_answer/BFCL_v*_{category}.json in {data_dir}: the category "
                                 "needs its ground truth")
-        answers = [a["ground_truth"] for a in _read_jsonl(answer_path)]
+        answers = [a.get("ground_truth") if isinstance(a, dict) else None for _, a in _read_jsonl(answer_path)]
         if len(answers) != len(entries):
             raise BFCLDataError(f"{path} has {len(entries)} entries but {answer_path} has {len(answers)}")
     # BFCL pairs questions and answers by position (some answer ids are spelled differently)
@@ -111,10 +134,10 @@ def score_results(items: list[dict], results: list[dict]) -> dict:
     for row in results:
         rid = row.get("id")
         if rid not in by_id:
-            raise BFCLDataError(f"result id {rid!r} is not in category {items[0]['category'] if items else '?'}; "
+            raise BFCLDataError(f"result id {rid!r:.100} is not in category {items[0]['category'] if items else '?'}; "
                                 "check --category and the results file")
         if rid in per_id:
-            raise BFCLDataError(f"result id {rid!r} appears twice in the results file")
+            raise BFCLDataError(f"result id {rid!r:.100} appears twice in the results file")
         item = by_id[rid]
         calls = decode_bfcl_result(row.get("result"))
         ok, reason = check_calls(calls, item["ground_truth"] or [], item["function"], item["category"])
@@ -127,28 +150,52 @@ def score_results(items: list[dict], results: list[dict]) -> dict:
             "per_id": per_id, "reasons": dict(reasons)}
 
 
+def _read_json(path: str):
+    """A JSON file we wrote (report.json, run_config.json); BFCLDataError if it does not read."""
+    try:
+        with open(path, "rb") as f:
+            return json_loads(f.read().decode("utf-8-sig"))
+    except (OSError, ValueError) as e:
+        raise BFCLDataError(f"cannot read {path}: {e}; regenerate or remove it") from None
+
+
+def _read_json(path: str):
+    """A JSON file we wrote (report.json, run_config.json); BFCLDataError if it does not read."""
+    try:
+        with open(path, "rb") as f:
+            return json_loads(f.read().decode("utf-8-sig"))
+    except (OSError, ValueError) as e:
+        raise BFCLDataError(f"cannot read {path}: {e}; regenerate or remove it") from None
+
+
 def read_results(path: str) -> list[dict]:
+    """Rows {"id": str, "result": str} of a results file; BFCLDataError with file:line for anything else."""
     if not os.path.exists(path):
         raise BFCLDataError(f"results file {path} does not exist")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError:
-                raise BFCLDataError(f"{path}:{n} is not a JSON line") from None
-            if not isinstance(row, dict) or "id" not in row or "result" not in row:
-                raise BFCLDataError(f'{path}:{n} must be {{"id": ..., "result": ...}}')
-            rows.append(row)
+    for n, row in _read_jsonl(path, "results"):
+        if not isinstance(row, dict) or not isinstance(row.get("id"), str) or not isinstance(row.get("result"), str):
+            raise BFCLDataError(f'{path}:{n} must be {{"id": "<BFCL id>", "result": "<raw model text>"}} '
+                                "(both strings)")
+        rows.append(row)
     return rows
 
 
 def cmd_score(args) -> dict:
+    if args.category in MULTI_TURN_CATEGORIES:  # episodes re-executed on BFCL's back-ends (eval/multiturn.py)
+        data_dir = args.data_dir or find_data_dir()
+        return {"category": args.category, **multiturn.score_file(args.category, args.results, data_dir)}
     items = load_category(args.category, args.data_dir)
-    result = score_results(items, read_results(args.results))
-    return {"category": items[0]["category"] if items else args.category, **result}
+    rows = read_results(args.results)
+    if not rows:
+        raise BFCLDataError(f"results file {args.results} holds no results")
+    result = score_results(items, rows)
+    coverage = result["total"] / len(items) if items else 0.0
+    if coverage < 1:
+        print(f"warning: {args.results} holds {result['total']} of the {len(items)} items of {args.category}; "
+              "the accuracy is over those items only", file=sys.stderr)
+    return {"category": items[0]["category"] if items else args.category, **result, "items": len(items),
+            "coverage": coverage}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -169,17 +216,20 @@ def select_subset(items: list[dict], limit: int | None, seed: int = SUBSET_SEED)
 
 
 def parse_categories(spec) -> list[str]:
-    """'simple_python,multiple' or a list -> validated category names. Shorthands: all, ast, non_live, live."""
+    """'simple_python,multiple' or a list -> validated category names. Shorthands: all (single-turn), ast, non_live,
+    live, multi_turn."""
     names = spec.split(",") if isinstance(spec, str) else list(spec)
-    groups = {"all": CATEGORIES, "ast": AST_CATEGORIES, "non_live": NON_LIVE_AST, "live": LIVE_AST}
+    groups = {"all": CATEGORIES, "ast": AST_CATEGORIES, "non_live": NON_LIVE_AST, "live": LIVE_AST,
+              "multi_turn": MULTI_TURN_CATEGORIES}
     out = []
     for name in (n.strip() for n in names):
         if not name:
             continue
         expanded = groups.get(name, [ALIASES.get(name, name)])
         for c in expanded:
-            if c not in CATEGORIES:
-                raise BFCLDataError(f"unknown or unsupported category {name!r}; choose from: {', '.join(CATEGORIES)} "
+            if c not in CATEGORIES + MULTI_TURN_CATEGORIES:
+                raise BFCLDataError(f"unknown or unsupported category {name!r}; choose from: "
+                                    f"{', '.join(CATEGORIES + MULTI_TURN_CATEGORIES)} "
                                     f"(or the groups {', '.join(groups)})")
             if c not in out:
                 out.append(c)
@@ -287,8 +337,16 @@ def evaluate_bfcl(model, tokenizer, categories: list[str], limit: int, rank: int
     """Greedy BFCL accuracy per category on the fixed subset select_subset(items, limit) (seed 0: the same items on
     every call and as `run --limit`), scored like `run` (BFCL decoding of prefill + completion). Items are
     sharded items[rank::world]; [correct, total] counts are summed with all_reduce. -> {category: accuracy}.
-    In the think format generation stops after the first </answer> (see generate_texts): same verdicts, faster."""
+    In the think format generation stops after the first </answer> (see generate_texts): same verdicts, faster.
+    Multi-turn categories run as episodes (eval.multiturn.evaluate_multi_turn), with one all_reduce of their own."""
     categories = parse_categories(categories)
+    multi = [c for c in categories if c in MULTI_TURN_CATEGORIES]
+    categories = [c for c in categories if c not in MULTI_TURN_CATEGORIES]
+    accuracy = multiturn.evaluate_multi_turn(
+        model, tokenizer, multi, limit, data_dir or find_data_dir(), rank=rank, world=world, all_reduce=all_reduce,
+        prompt_format=prompt_format, max_new_tokens=max_new_tokens, batch_size=batch_size) if multi else {}
+    if not categories:
+        return accuracy
     items = []
     for category in categories:
         items += select_subset(load_category(category, data_dir), limit)[rank::world]
@@ -302,7 +360,8 @@ def evaluate_bfcl(model, tokenizer, categories: list[str], limit: int, rank: int
         counts[c, 0] += float(score_text(prefill + text, item)[0])
         counts[c, 1] += 1
     counts = all_reduce(counts)
-    return {cat: (counts[c, 0] / counts[c, 1].clamp(min=1)).item() for c, cat in enumerate(categories)}
+    return {**{cat: (counts[c, 0] / counts[c, 1].clamp(min=1)).item() for c, cat in enumerate(categories)},
+            **accuracy}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -311,7 +370,7 @@ def evaluate_bfcl(model, tokenizer, categories: list[str], limit: int, rank: int
 NON_LIVE_AST = ("simple_python", "multiple", "parallel", "parallel_multiple")
 LIVE_AST = ("live_simple", "live_multiple", "live_parallel", "live_parallel_multiple")
 SIMPLE_LANGUAGES = ("simple_python",)  # the leaderboard's "simple" also averages simple_java, simple_javascript
-SUMMARY_COLUMNS = ("overall", "non_live_ast", "live", "irrelevance", "relevance")
+SUMMARY_COLUMNS = ("overall", "non_live_ast", "live", "irrelevance", "relevance", "multi_turn")
 
 AGGREGATION_DOC = """\
 How the summary columns are computed (the rules of the BFCL leaderboard's aggregation, v3/v4):
@@ -324,6 +383,9 @@ How the summary columns are computed (the rules of the BFCL leaderboard's aggreg
   number estimates the full-data Live score (it is not the pooled accuracy of the evaluated items).
 - Irrelevance = unweighted mean of irrelevance and live_irrelevance; Relevance = live_relevance.
 - Overall (the paper's) = mean of Non-Live AST and Live.
+- Multi Turn = unweighted mean of multi_turn_base, multi_turn_miss_func, multi_turn_miss_param and
+  multi_turn_long_context (the leaderboard's Multi Turn Overall Acc); an entry is right when BFCL's multi-turn
+  checker passes every turn (state equal to the ground truth's, its execution results among the model's).
 - A column whose parts were not all evaluated is the mean (or weighted mean) of the parts that were, marked with
   * and its missing parts listed; the leaderboard would count a missing part as 0.
 - Items are scored with BFCL's decoding: the <answer> content when present, else the whole text, parsed as a
@@ -360,15 +422,17 @@ def summarize(per_category: dict, full_counts: dict | None = None) -> dict:
     relevance = column(acc.get("live_relevance"), ("live_relevance",))
     overall = {"value": _mean([v for v in (non_live["value"], live["value"]) if v is not None]),
                "missing": non_live["missing"] + live["missing"]}
+    multi_turn = column(_mean([acc[c] for c in MULTI_TURN_CATEGORIES if c in acc]), MULTI_TURN_CATEGORIES)
     return {"overall": overall, "non_live_ast": non_live, "live": live, "irrelevance": irrelevance,
-            "relevance": relevance}
+            "relevance": relevance, "multi_turn": multi_turn}
 
 
 # ----------------------------------------------------------------------------------------------------
 # Reports
 
 COLUMN_TITLES = {"overall": "Overall (mean of Non-Live AST and Live)", "non_live_ast": "Non-Live AST",
-                 "live": "Live", "irrelevance": "Irrelevance", "relevance": "Relevance"}
+                 "live": "Live", "irrelevance": "Irrelevance", "relevance": "Relevance",
+                 "multi_turn": "Multi Turn (mean of the four multi-turn categories)"}
 
 
 def _pct(x) -> str:
@@ -382,13 +446,20 @@ def build_report(out_dir: str, data_dir: str | None = None, meta: dict | None = 
 
     meta = dict(meta or {})
     old_path = os.path.join(out_dir, "report.json")
-    old = json.load(open(old_path)) if os.path.exists(old_path) else {}
+    old = _read_json(old_path) if os.path.exists(old_path) else {}
     timings = {**old.get("timing", {}).get("per_category", {}), **meta.pop("per_category_timing", {})}
     answer_format = meta.get("settings", old.get("settings", {})).get("answer_format", "think")
     per_category = {}
-    for category in CATEGORIES:
+    for category in CATEGORIES + MULTI_TURN_CATEGORIES:
         path = os.path.join(out_dir, f"{category}_result.jsonl")
         if not os.path.exists(path):
+            continue
+        if category in MULTI_TURN_CATEGORIES:  # no strict column: the training reward is single-turn
+            scored = multiturn.score_file(category, path, data_dir or find_data_dir())
+            per_category[category] = {"accuracy": scored["accuracy"], "correct": scored["correct"],
+                                      "total": scored["total"], "strict_accuracy": None, "reasons": scored["reasons"],
+                                      "n_full": len(multiturn.load_multi_turn(category, data_dir or find_data_dir())),
+                                      **({"timing": timings[category]} if category in timings else {})}
             continue
         items = load_category(category, data_dir)
         rows = read_results(path)
@@ -445,7 +516,7 @@ def resolve_settings(args, model_dir: str | None) -> PromptFormat:
     for name in ("prompt_format.json", "run_config.json"):
         candidate = os.path.join(model_dir, name) if model_dir else None
         if candidate and os.path.isfile(candidate):
-            config = json.load(open(candidate))
+            config = _read_json(candidate)
             trained = {k: config[k] for k in ("answer_format", "tools_as", "prefill") if k in config}
             path = candidate
             break
@@ -491,7 +562,9 @@ def cmd_run(args) -> dict:
     if not os.path.isdir(data_dir):
         raise BFCLDataError(f"--data-dir {data_dir} does not exist; the BFCL data ships in bfcl-eval: "
                             f"{INSTALL} (then leave out --data-dir)")
-    selected = {c: select_subset(load_category(c, data_dir), args.limit) for c in categories}
+    selected = {c: multiturn.select_entries(multiturn.load_multi_turn(c, data_dir), args.limit, SUBSET_SEED)
+                if c in MULTI_TURN_CATEGORIES else select_subset(load_category(c, data_dir), args.limit)
+                for c in categories}
     model_dir = _model_dir(args.model)
     prompt_format = resolve_settings(args, model_dir)
     settings = dict(dataclasses.asdict(prompt_format))
@@ -501,9 +574,12 @@ def cmd_run(args) -> dict:
     out_dir = args.out or _default_out_dir(args.model)
     os.makedirs(out_dir, exist_ok=True)
 
-    from model.load import load
+    from model.load import ModelLoadError, load
     t_load = time.time()
-    model, tokenizer = load(model_dir or args.model, device=args.device, dtype=args.dtype)
+    try:
+        model, tokenizer = load(model_dir or args.model, device=args.device, dtype=args.dtype)
+    except (ModelLoadError, OSError, ValueError) as e:
+        raise BFCLDataError(" ".join(str(e).split())) from None
     model.eval()
     load_s = time.time() - t_load
     print(f"[bfcl] {args.model} on {model.device}, {torch.get_num_threads()} threads; "
@@ -514,6 +590,14 @@ def cmd_run(args) -> dict:
     for category, items in selected.items():
         bar.set_postfix_str(category)
         t0 = time.time()
+        if category in MULTI_TURN_CATEGORIES:  # episodes on BFCL's back-ends (eval/multiturn.py)
+            multiturn.run_category(model, tokenizer, category, items, data_dir,
+                                   os.path.join(out_dir, f"{category}_result.jsonl"), settings, args.batch_size,
+                                   greedy=not args.sample, temperature=args.temperature, seed=args.seed, bar=bar)
+            seconds = time.time() - t0
+            generate_s += seconds
+            per_category_timing[category] = {"seconds": seconds, "items_per_s": len(items) / max(seconds, 1e-9)}
+            continue
         prompts = [item_prompt(tokenizer, it, prompt_format) for it in items]
         texts = generate_texts(model, tokenizer, prompts, args.max_new_tokens, args.batch_size,
                                greedy=not args.sample, temperature=args.temperature, seed=args.seed,
@@ -550,7 +634,7 @@ def read_report(run_dir: str) -> dict:
     path = os.path.join(run_dir, "report.json")
     if not os.path.isfile(path):
         raise BFCLDataError(f"{run_dir}: no report.json (make one with `python -m eval.bfcl run ... --out {run_dir}`)")
-    return json.load(open(path))
+    return _read_json(path)
 
 
 def compare_table(reports: list[dict], labels: list[str]) -> tuple[list[str], list[list]]:
@@ -558,8 +642,8 @@ def compare_table(reports: list[dict], labels: list[str]) -> tuple[list[str], li
     Scores are fractions (None where a report lacks the row)."""
     rows = []
     for key in SUMMARY_COLUMNS:
-        rows.append([COLUMN_TITLES[key].split(" (")[0]] + [r["summary"][key]["value"] for r in reports])
-    for category in CATEGORIES:
+        rows.append([COLUMN_TITLES[key].split(" (")[0]] + [r["summary"].get(key, {}).get("value") for r in reports])
+    for category in CATEGORIES + MULTI_TURN_CATEGORIES:
         if any(category in r["categories"] for r in reports):
             rows.append([category] + [r["categories"].get(category, {}).get("accuracy") for r in reports])
     header = ["", *labels] + [f"Δ {label}" for label in labels[1:]]
@@ -607,8 +691,8 @@ def main(argv=None):
     p = sub.add_parser("run", help="generate with a model on BFCL categories, write result files and a report")
     p.add_argument("--model", default="smollm2-135m", help="smollm2-135m, a model or checkpoint directory, a run "
                    "directory (its newest checkpoint), or a Hugging Face id in the local cache")
-    p.add_argument("--categories", default="ast", help="comma-separated categories, or all / ast / non_live / live "
-                   f"(categories: {', '.join(CATEGORIES)})")
+    p.add_argument("--categories", default="ast", help="comma-separated categories, or all (single-turn) / ast / "
+                   f"non_live / live / multi_turn (categories: {', '.join(CATEGORIES + MULTI_TURN_CATEGORIES)})")
     p.add_argument("--limit", type=int, default=None, help="items per category: a fixed random subset (seed 0)")
     p.add_argument("--out", default=None, help="output folder (default runs/bfcl/<model>)")
     p.add_argument("--batch-size", type=int, default=16, help="prompts per generate call (sorted by length)")
@@ -629,8 +713,9 @@ def main(argv=None):
     p.add_argument("--dtype", default="auto")
     p.add_argument("--data-dir", default=None, help="folder laid out like bfcl_eval/data (default: the installed package)")
     p = sub.add_parser("score", help="score a results file (BFCL's {id, result} JSON lines)")
-    p.add_argument("--category", required=True, help=f"one of: {', '.join(CATEGORIES)}")
-    p.add_argument("--results", required=True, help="JSON lines of {\"id\": ..., \"result\": \"raw model text\"}")
+    p.add_argument("--category", required=True, help=f"one of: {', '.join(CATEGORIES + MULTI_TURN_CATEGORIES)}")
+    p.add_argument("--results", required=True, help="JSON lines of {\"id\": ..., \"result\": \"raw model text\"} "
+                   "(multi-turn: \"result\" is a list of turns, each a list of step texts)")
     p.add_argument("--data-dir", default=None, help="folder laid out like bfcl_eval/data (default: the installed package)")
     p = sub.add_parser("report", help="re-score DIR's <category>_result.jsonl files into report.json / report.md")
     p.add_argument("dir")
@@ -644,7 +729,7 @@ def main(argv=None):
     commands = {"run": cmd_run, "score": cmd_score, "report": cmd_report, "compare": cmd_compare}
     try:
         out = commands[args.command](args)
-    except BFCLDataError as e:
+    except (BFCLDataError, multiturn.MultiTurnDataError) as e:
         raise SystemExit(f"error: {e}")
     if args.command == "score":
         print(json.dumps(out))

@@ -56,12 +56,15 @@ def step_metrics(batch: RolloutBatch, advantages: torch.Tensor, stats: dict, d) 
             "truncated_frac": sum(f[4] for f in facts) / total}
 
 
-def write_samples(path, step: int, batch: RolloutBatch, prefill: str) -> None:
-    """The step's completions (prefill included, as the reward saw them) with their rewards and reasons."""
+def write_samples(path, step: int, batch: RolloutBatch, prefill: str) -> list[dict]:
+    """Append the step's completions (prefill included, as the reward saw them) with their rewards and reasons;
+    returns the rows written."""
+    samples = [{"step": step, "id": rec["id"], "prompt": rec["messages"][-1]["content"], "completion": prefill + text,
+                "reward": r, "reason": why}
+               for rec, text, r, why in zip(batch.records, batch.texts, batch.rewards, batch.reasons)]
     with open(Path(path), "a") as f:
-        for rec, text, r, why in zip(batch.records, batch.texts, batch.rewards, batch.reasons):
-            f.write(json.dumps({"step": step, "id": rec["id"], "prompt": rec["messages"][-1]["content"],
-                                "completion": prefill + text, "reward": r, "reason": why}) + "\n")
+        f.writelines(json.dumps(sample) + "\n" for sample in samples)
+    return samples
 
 
 def peak_memory_gb(device: torch.device) -> float:

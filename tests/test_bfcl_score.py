@@ -87,3 +87,55 @@ def test_errors_are_clear(tmp_path):
     os.remove(os.path.join(data, "possible_answer", "BFCL_v3_live_simple.json"))
     with pytest.raises(BFCLDataError, match="ground truth"):
         load_category("live_simple", data)
+
+
+def _score(tmp_path, results_path, capsys=None):
+    data = os.path.join(tmp_path, "data")
+    if not os.path.isdir(data):
+        _write_data_dir(data)
+    return main(["score", "--category", "live_simple", "--results", str(results_path), "--data-dir", data])
+
+
+@pytest.mark.parametrize("content, message", [
+    (b'{"id": ["live_simple_0"], "result": "[]"}\n', r":1 must be \{\"id\": \"<BFCL id>\""),
+    (b'{"id": "live_simple_0", "result": [{"get_time": {"city": "Tokyo"}}]}\n', "both strings"),
+    (b'{"id": "live_simple_0", "result": ' + b"[" * 100_000 + b"]" * 100_000 + b"}\n", ":1: JSON nested too deeply"),
+    (b'{"id": "live_simple_0", "result": "\xff"}\n', ":1: not UTF-8 text"),
+    (b'{"id": "live_simple_0", "result": "[]"}\n{"id": ', ":2: not valid JSON"),
+    (b"\n\n", "holds no results"),
+])
+def test_score_user_errors_are_one_line_messages(tmp_path, content, message):
+    path = tmp_path / "r.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(SystemExit, match=message) as e:
+        _score(tmp_path, path)
+    assert str(e.value).startswith("error: ") and "\n" not in str(e.value)
+
+
+def test_score_results_path_that_is_a_directory(tmp_path):
+    with pytest.raises(SystemExit, match="is not a file; pass the results file"):
+        _score(tmp_path, tmp_path)
+
+
+def test_score_accepts_a_byte_order_mark_and_reports_coverage(tmp_path, capsys):
+    path = tmp_path / "r.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps({"id": "live_simple_0", "result": "[get_time(city='Tokyo')]"}).encode()
+                     + b"\n")
+    out = _score(tmp_path, path)
+    captured = capsys.readouterr()
+    assert out["correct"] == out["total"] == 1 and out["items"] == 2 and out["coverage"] == 0.5
+    assert "warning:" in captured.err and "1 of the 2 items" in captured.err
+    with open(path, "a") as f:
+        f.write(json.dumps({"id": "live_simple_1", "result": "[get_time(city='Rome')]"}) + "\n")
+    out = _score(tmp_path, path)
+    assert out["coverage"] == 1.0 and out["total"] == 2 and "warning" not in capsys.readouterr().err
+
+
+def test_run_with_a_bad_model_is_a_one_line_message(tmp_path):
+    data = _write_data_dir(str(tmp_path / "data"))
+    os.makedirs(tmp_path / "not_a_model")
+    for model in (str(tmp_path / "nowhere" / "model"), str(tmp_path / "not_a_model")):
+        with pytest.raises(SystemExit, match="error: .*model") as e:
+            main(["run", "--model", model, "--categories", "live_simple", "--data-dir", data,
+                  "--out", str(tmp_path / "out")])
+        assert "\n" not in str(e.value)

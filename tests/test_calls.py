@@ -12,13 +12,13 @@ import time
 import types
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from data.calls import (MAX_TEXT_CHARS, REASON_CODES, PromptFormat, bfcl_trim, build_messages, category_kind,
-                        check_calls, decode_bfcl_result, extract_answer, format_calls, ground_truth_from_answers,
-                        normalize_string, parse_completion, parse_python_calls, reason_code, render_prompt,
-                        system_prompt)
+from data.calls import (MAX_FOLDED_SIZE, MAX_KEY_SIZE, MAX_REASON_CHARS, MAX_TEXT_CHARS, REASON_CODES, CallSyntaxError,
+                        PromptFormat, bfcl_trim, build_messages, category_kind, check_calls, decode_bfcl_result,
+                        extract_answer, format_calls, ground_truth_from_answers, normalize_string, parse_completion,
+                        parse_python_calls, reason_code, render_prompt, system_prompt)
 
 WEATHER = {"name": "weather.get", "description": "Current weather for a city.",
            "parameters": {"type": "dict", "required": ["city"], "properties": {
@@ -571,24 +571,7 @@ def test_differential_against_official_checker(category):
     assert agree == total, f"{category}: {agree}/{total} verdicts agree"
 
 
-def test_prompt_format_is_one_checked_value():
-    fmt = PromptFormat("think", "python", "<think>")
-    assert json.loads(fmt.to_json()) == {"answer_format": "think", "tools_as": "python", "prefill": "<think>"}
-    assert fmt.starts_in_think and not PromptFormat("plain", "json", "[").starts_in_think
-    with pytest.raises(ValueError, match="answer_format must be one of"):
-        PromptFormat("xml")
-    with pytest.raises(ValueError, match="tools_as must be 'json' or 'python'"):
-        PromptFormat("think", "yaml")
-    with pytest.raises(dataclasses.FrozenInstanceError):
-        fmt.prefill = ""
-
-
-def test_one_type_table_serves_prompts_checker_and_validation():
-    from data.calls import TYPES
-    from data.validate import TYPE_NAMES
-    assert TYPE_NAMES == {name: row[0] for name, row in TYPES.items()}
-    assert TYPE_NAMES["dict"] == "object" and TYPE_NAMES["any"] is None
-    tool = {"name": "f", "description": "F.", "parameters": {"type": "object", "properties": {
-        "a": {"type": "tuple", "items": {"type": "integer"}}, "b": {"type": "dict"}, "c": {"type": "any"}},
-        "required": ["a", "b", "c"]}}
-    assert "def f(a: tuple[int], b: dict, c: Any):" in system_prompt([tool], "think", "python")
+from data.calls import (MAX_FOLDED_SIZE, MAX_KEY_SIZE, MAX_REASON_CHARS, MAX_TEXT_CHARS, REASON_CODES, CallSyntaxError,
+                        PromptFormat, bfcl_trim, build_messages, category_kind, check_calls, decode_bfcl_result,
+                        extract_answer, format_calls, ground_truth_from_answers, normalize_string, parse_completion,
+                        parse_python_calls, reason_code, render_prompt, system_prompt)

@@ -1,9 +1,14 @@
 """Data pipeline: converters, bad input, the LLM judge stage, resumable output (AST rules: test_validate.py)."""
+import codecs
 import json
 import re
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from data.prepare import (bfcl_category, from_bfcl, from_hermes, from_xlam, llm_stage, main, parse_call_list,
                           parse_verdict, prepare, split_of)
@@ -100,14 +105,18 @@ def test_parse_call_list_never_executes():
     assert parse_call_list('```json\n[{"name": "f", "arguments": {"a": 1}}]\n```') == [
         {"name": "f", "arguments": {"a": 1}}]
     assert parse_call_list("[]") == []
-    for bad in ("[__import__('os').system('echo hi')]", "[f(a=open('x'))]", "[f(1)]", "not a call", ""):
+    for bad in ("[__import__('os').system('echo hi')]", "[f(a=open('x'))]", "[f(1)]", "not a call", "",
+                "[f(a=b'x')]", "[f(a={1, 2})]", "[f(**{'a': 1})]", "lambda:" * 3000, "[f(a=(((0,)*9**9,)*9**9,)*9**9)]"):
+        t0 = time.perf_counter()
         assert parse_call_list(bad) is None
+        assert time.perf_counter() - t0 < 2
 
 
 # ----------------------------------------------------------------------------- pipeline, bad input, resume
 
 def _lines(path):
-    return [json.loads(x) for x in Path(path).read_text().splitlines() if x.strip()] if Path(path).exists() else []
+    # split on "\n" only: a record may hold U+0085 or U+2028, which str.splitlines also takes for line ends
+    return [json.loads(x) for x in Path(path).read_text().split("\n") if x.strip()] if Path(path).exists() else []
 
 
 def _outputs(out):
@@ -330,3 +339,153 @@ def test_hf_judge_smoke_with_a_tiny_model(tiny_model, tiny_tokenizer, tmp_path):
     assert stats["total"] == 3 and stats["rejected_by_reason"] == {"judge:unparseable": 3}
     replies = judge([[{"role": "user", "content": "hi"}], [{"role": "user", "content": "hello there"}]])
     assert len(replies) == 2 and all(isinstance(r, str) for r in replies)
+
+
+# ----------------------------------------------------------------------------- hostile records
+# Each of these once stopped the whole run (and a rerun stopped at the same record).
+
+def _hostile_records():
+    """(JSON line, reason it is rejected with, or None when it is kept)."""
+    out = []
+    r = rec(call(), rid="required-list")
+    r["tools"][0]["parameters"]["required"] = [["city"]]
+    out.append((json.dumps(r), "record:tools"))
+    r = rec(call(unit="celsius"), rid="enum-not-list")
+    r["tools"][0]["parameters"]["properties"]["unit"]["enum"] = 5
+    out.append((json.dumps(r), "ast:schema"))
+    out.append((json.dumps(rec(call(days="1" * 5000), rid="int-5000")), "ast:type"))
+    out.append((json.dumps(rec(call(scale="1" * 400), rid="number-400")), "ast:type"))
+    out.append((json.dumps(rec(call(scale="1e400"), rid="number-inf")), "ast:type"))
+    out.append(('{"id": "big-int", "query": "q", "tools": [], "answers": [], "n": ' + "1" * 5000 + "}", "read:bad-json"))
+    out.append(('{"id": "deep", "x": ' + "[" * 100_000 + "]" * 100_000 + "}", "read:bad-json"))
+    deep = "[" * 300 + "]" * 300
+    out.append((json.dumps(rec(call(), rid="deep-300"))[:-1] + f', "x": {deep}}}', "record:too-deep"))
+    out.append((json.dumps(rec(call(), rid="surrogate", query="caf\ud800")), "record:unicode"))
+    out.append((json.dumps(rec(call(), rid="nan"))[:-1] + ', "x": NaN}', "record:number"))
+    # a repair that decodes a JSON string too deep to write: rejected at the write
+    out.append((json.dumps(rec(call(where='{"lat": 1, "x": ' + deep + "}"), rid="deep-repair")), "record:too-deep"))
+    hermes = {"id": "lambda", "tools": [WEATHER], "conversations": [
+        {"from": "human", "value": "hi"}, {"from": "gpt", "value": "lambda:" * 3000}]}
+    out.append((json.dumps(hermes), None))  # a plain-text reply: an irrelevance record
+    out.append((json.dumps(_xlam_row(5)), None))
+    return out
+
+
+def test_every_hostile_record_is_accounted_for_and_reruns_finish(tmp_path):
+    cases = _hostile_records()
+    path = tmp_path / "hostile.jsonl"
+    path.write_text("\n".join(line for line, _ in cases) + "\n")
+    stats = prepare([path], tmp_path / "out", progress=False)
+    assert stats["total"] == len(cases)
+    out = _outputs(tmp_path / "out")
+    rejects = {r["id"]: r for r in out["rejects"]}
+    kept = {r["id"] for r in out["train"] + out["val"]}
+    for i, (line, reason) in enumerate(cases):
+        rid = json.loads(line)["id"] if reason != "read:bad-json" else f"hostile.jsonl:{i + 1}"
+        if reason is None:
+            assert str(rid) in kept or f"xlam-{rid}" in kept, rid
+        else:
+            assert rejects[rid]["reason"] == reason and rejects[rid]["detail"], (rid, rejects.get(rid))
+            assert len(rejects[rid]["detail"]) <= 500
+    assert prepare([path], tmp_path / "out", progress=False)["total"] == len(cases)  # a rerun adds nothing
+    for name in ("train.jsonl", "val.jsonl"):  # what is kept, train.py can read
+        if _lines(tmp_path / "out" / name):
+            load_records(tmp_path / "out" / name)
+
+
+def test_byte_order_mark_is_skipped(tmp_path):
+    array = tmp_path / "a.json"
+    array.write_bytes(codecs.BOM_UTF8 + json.dumps([_xlam_row(i) for i in range(5)], indent=2).encode())
+    lines = tmp_path / "b.jsonl"
+    lines.write_bytes(codecs.BOM_UTF8 + "".join(json.dumps(_xlam_row(10 + i)) + "\n" for i in range(5)).encode())
+    stats = prepare([array, lines], tmp_path / "out", progress=False)
+    assert stats["total"] == 10 and stats["rejected"] == 0
+
+
+def test_a_bad_element_of_a_json_array_is_rejected_alone(tmp_path):
+    good = [json.dumps(_xlam_row(i)).encode() for i in range(6)]
+    bad = [b'{"id": 90, "n": ' + b"1" * 5000 + b"}", b"[" * 100_000 + b"]" * 100_000,
+           b'{"id": 91, "query": "caf\xff", "tools": "[]", "answers": "[]"}', b'"a string"']
+    path = tmp_path / "a.json"
+    path.write_bytes(b"[" + b",\n".join(good[:2] + bad[:2] + good[2:4] + bad[2:] + good[4:]) + b"]\n")
+    stats = prepare([path], tmp_path / "out", progress=False)
+    assert stats["total"] == 10 and stats["train"] + stats["val"] == 6
+    assert stats["rejected_by_reason"] == {"read:bad-json": 2, "record:unicode": 1, "convert:not-an-object": 1}
+    # a broken array (a missing comma): what comes before it is kept, the rest is one reject
+    path.write_bytes(b"[" + b",".join(good[:3]) + b" " + b",".join(good[3:]) + b"]")
+    stats = prepare([path], tmp_path / "out2", progress=False)
+    assert stats["train"] + stats["val"] == 3 and stats["rejected_by_reason"] == {"read:bad-json": 1}
+
+
+def test_judge_replies_never_raise():
+    for reply in (None, 5, "SOLVABLE: yes\nCORRECT: no\nANSWER: " + "lambda:" * 3000,
+                  "SOLVABLE: yes\nCORRECT: no\nANSWER: [f(a=" + "[" * 100_000 + ")]",
+                  "SOLVABLE: yes\nCORRECT: no\nANSWER: [f(a={(((0,)*100000,)*100000,)*100000: 1})]",
+                  "SOLVABLE: yes\nCORRECT: no\nANSWER: " + "[" * 100_000 + "]" * 100_000,
+                  'SOLVABLE: yes\nCORRECT: no\nANSWER: [{"name": "f", "arguments": {"a": ' + "1" * 5000 + "}}]"):
+        v = parse_verdict(reply)
+        assert v["correct"] is False and v["answer"] is None and v["error"]
+
+    def judge(prompts):  # corrections whose values no schema rule foresaw
+        return ["SOLVABLE: yes\nCORRECT: no\nANSWER: [get_weather(city='Paris', days='" + "9" * 5000 + "')]",
+                'SOLVABLE: yes\nCORRECT: no\nANSWER: [{"name": "get_weather", "arguments": "[1]"}]'][:len(prompts)]
+
+    results = llm_stage([rec(call(days=2), rid="a"), rec(call(days=3), rid="b")], judge, rounds=1)
+    assert [r[1][1] for r in results] == ["judge:correction-ast:type", "judge:correction-ast:not-a-call"]
+
+
+# Mutated valid records: one value somewhere replaced by a wrong type, a huge value, deep nesting or odd
+# unicode, or JSON text that Python's decoder refuses, spliced in.
+_ODD_VALUE = st.one_of(
+    st.sampled_from([None, True, 0, -1, 1.5, "", [], {}, [[]], {"a": {}}, "\ud800", "\x00", "\u202e", "\ufeff",
+                     "é" * 50, "1" * 400, "1" * 5000, "1e400", "-0", 10 ** 30, ["city"], [["city"]], {"type": 5},
+                     "[" * 300 + "]" * 300, "lambda:" * 3000, "[f(a=(((0,)*9**9,)*9**9,)*9**9)]"]),
+    st.text(max_size=20), st.recursive(st.integers(), lambda v: st.lists(v, max_size=2), max_leaves=3))
+_RAW_JSON = st.sampled_from(["1" * 5000, "[" * 5000 + "]" * 5000, "[" * 300 + "]" * 300, "NaN", "-Infinity",
+                             '"\\ud800"', "1e400"])
+_HERMES = {"id": "h", "tools": [WEATHER], "conversations": [
+    {"from": "system", "value": "You can call tools."}, {"from": "human", "value": "weather in Paris"},
+    {"from": "gpt", "value": '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'}]}
+_TOOLACE = {"id": "t", "system": "<tools>" + json.dumps([WEATHER]) + "</tools>", "conversations": [
+    {"from": "user", "value": "weather"}, {"from": "assistant", "value": "[get_weather(city='Paris', days=2)]"}]}
+
+
+def _paths(value, prefix=()):
+    yield prefix
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for k, v in items:
+        yield from _paths(v, prefix + (k,))
+
+
+@st.composite
+def _mutated_line(draw):
+    xlam = _xlam_row(3)
+    xlam_lists = {**xlam, "tools": json.loads(xlam["tools"]), "answers": json.loads(xlam["answers"])}
+    base = draw(st.sampled_from([rec(call(days=2, tags=[1], where={"lat": 1})), xlam, xlam_lists, _HERMES, _TOOLACE]))
+    record = {**json.loads(json.dumps(base)), "id": draw(st.integers(0, 10 ** 12))}  # mostly distinct ids
+    for _ in range(draw(st.integers(1, 2))):
+        paths = [p for p in _paths(record) if p]
+        where = draw(st.sampled_from(paths))
+        parent = record
+        for k in where[:-1]:
+            parent = parent[k]
+        raw = draw(st.none() | _RAW_JSON)
+        parent[where[-1]] = "@@RAW@@" if raw else draw(_ODD_VALUE)
+    line = json.dumps(record)
+    return line.replace('"@@RAW@@"', raw) if raw else line
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.lists(_mutated_line(), min_size=1, max_size=6))
+def test_mutated_records_are_each_accounted_for_once(lines):
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "in.jsonl"
+        path.write_text("\n".join(lines) + "\n")
+        stats = prepare([path], Path(tmp) / "out", progress=False)
+        out = _outputs(Path(tmp) / "out")
+        ids = [r["id"] for v in out.values() for r in v]
+        assert stats["total"] == len(lines) == len(ids) == len(set(ids))
+        assert all(r["reason"] and r["stage"] and isinstance(r["detail"], str) for r in out["rejects"])
+        for name in ("train.jsonl", "val.jsonl"):  # what is kept, train.py can read
+            if _lines(Path(tmp) / "out" / name):
+                load_records(Path(tmp) / "out" / name)

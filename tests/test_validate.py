@@ -1,4 +1,5 @@
 """The canonical record and its AST validation: types, safe repairs, rejects, schema dialects."""
+import codecs
 import json
 import re
 
@@ -6,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from data.validate import RecordError, load_records, normalize_tool, python_type, validate_calls, validate_record
+from data.validate import DataError, RecordError, load_records, normalize_tool, python_type, validate_calls, validate_record
 
 WEATHER = {"name": "get_weather", "description": "Weather for a city.",
            "parameters": {"type": "object", "required": ["city"], "properties": {
@@ -140,3 +141,39 @@ def test_load_records_errors_name_file_and_line(tmp_path):
     path.write_bytes(b"\xff\n")
     with pytest.raises(ValueError, match=":1: not UTF-8"):
         load_records(path)
+
+
+def test_load_records_errors_are_data_errors_with_file_and_line(tmp_path):
+    good = json.dumps(rec(call())) + "\n"
+    path = tmp_path / "c.jsonl"
+    path.write_bytes(codecs.BOM_UTF8 + good.encode())
+    assert load_records(path)[0]["id"] == "r1"  # a byte-order mark is skipped
+    cases = {"garbage": (b"\x00\x9f\x92binary", ":1: not UTF-8"), "truncated": ((good + good[:30]).encode(), ":2: not valid JSON"),
+             "deep": (b"[" * 100_000 + b"]" * 100_000, ":1: JSON nested too deeply"),
+             "big-int": (b'{"id": ' + b"1" * 5000 + b"}", ":1: a number with too many digits"),
+             "nested": ((good[:-2] + ', "x": ' + "[" * 300 + "]" * 300 + "}").encode(), ":1: record:too-deep"),
+             "empty": (b"\n\n", "holds no records")}
+    for name, (data, message) in cases.items():
+        path.write_bytes(data)
+        with pytest.raises(DataError, match=re.escape(message)) as e:
+            load_records(path)
+        assert str(path) in str(e.value) and "\n" not in str(e.value), name
+    for missing in (tmp_path, tmp_path / "nope.jsonl"):
+        with pytest.raises(DataError, match=f"cannot read {re.escape(str(missing))}"):
+            load_records(missing)
+
+
+@pytest.mark.parametrize("schema, value, fixed", [
+    ({"type": "integer"}, "12345678901234567890", 12345678901234567890),   # no detour through float
+    ({"type": "number"}, "-12345678901234567890", -12345678901234567890), ({"type": "number"}, "2.5", 2.5)])
+def test_numeric_string_repairs_are_exact(schema, value, fixed):
+    tool = {"name": "f", "parameters": {"type": "object", "properties": {"x": schema}, "required": ["x"]}}
+    calls, repairs = validate_calls([{"name": "f", "arguments": {"x": value}}], [tool])
+    assert calls[0]["arguments"]["x"] == fixed and type(calls[0]["arguments"]["x"]) is type(fixed) and repairs
+
+
+@pytest.mark.parametrize("value", ["1" * 101, "1e400", "-1e999", "nan", "1" * 5000])
+def test_numeric_strings_too_long_or_not_finite_are_not_repaired(value):
+    tool = {"name": "f", "parameters": {"type": "object", "properties": {"x": {"type": "number"}}, "required": ["x"]}}
+    with pytest.raises(RecordError, match="ast:type"):
+        validate_calls([{"name": "f", "arguments": {"x": value}}], [tool])
