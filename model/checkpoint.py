@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from model.load import no_library_progress_bars
+
 CKPT_PREFIX = "step-"
 
 
@@ -62,7 +64,8 @@ def save_policy(path, model, tokenizer, model_state: dict | None = None, files: 
     if model_state is not None and getattr(model.config, "tie_word_embeddings", False):
         # a gathered state dict holds the tied head as a second copy; save it once, as save_pretrained does
         model_state = {k: v for k, v in model_state.items() if k != "lm_head.weight"}
-    model.save_pretrained(path, state_dict=model_state, safe_serialization=True)
+    with no_library_progress_bars():
+        model.save_pretrained(path, state_dict=model_state, safe_serialization=True)
     tokenizer.save_pretrained(path)
     for name, text in (files or {}).items():
         (Path(path) / name).write_text(text)

@@ -157,9 +157,9 @@ def load_tokenizer(name: str = DEFAULT_MODEL, cache_dir=None):
 
 
 @contextlib.contextmanager
-def _no_loading_bar():
-    """transformers draws a progress bar over the tensors of every checkpoint it loads (milliseconds for our
-    models, and three of them per run): keep the console for the run's own bars."""
+def no_library_progress_bars():
+    """transformers draws a progress bar over the tensors of every checkpoint it loads or writes (milliseconds
+    for our models, several per run): keep the console for the run's own bars."""
     from transformers.utils import logging as hf_logging
 
     was_enabled = hf_logging.is_progress_bar_enabled()
@@ -178,7 +178,7 @@ def load_model(name: str = DEFAULT_MODEL, device="auto", dtype: str = "auto", at
     device = pick_device(device) if isinstance(device, str) else device
     path = resolve_model_path(name, cache_dir)
     try:
-        with _no_loading_bar():
+        with no_library_progress_bars():
             model = AutoModelForCausalLM.from_pretrained(
                 path, dtype=pick_dtype(dtype, device), attn_implementation=pick_attn_implementation(device, attn),
                 **_offline_kwargs(path))
