@@ -382,8 +382,7 @@ def test_no_bfcl_eval_import_needed(data_dir):
             "    if name.startswith('bfcl_eval') and 'long_context' not in name: raise ImportError(name)\n"
             "    return real(name, *a, **k)\n"
             "builtins.__import__ = guard\n"
-            "from data.calls import PromptFormat
-from eval import multiturn as mt\n"
+            "from eval import multiturn as mt\n"
             f"d = {data_dir!r}\n"
             "e = mt.load_multi_turn('multi_turn_base', d, limit=3)[2]\n"
             "assert mt.check_entry(mt.keyword_trajectory(e, d), e, d).valid\n"
