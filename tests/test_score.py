@@ -151,4 +151,5 @@ def test_shared_prompt_scoring_equals_plain_scoring(tiny_tokenizer, checkpointin
     torch.testing.assert_close(shared[1], plain[1], rtol=0, atol=1e-5)
     assert set(shared[2]) == set(plain[2]) == {n for n, _ in model.named_parameters()}
     for name in plain[2]:
-        torch.testing.assert_close(shared[2][name], plain[2][name], rtol=1e-4, atol=1e-6)
+        # fp32 sums in another order (the prompt's gradient arrives through the repeated cache): ~1e-6 noise
+        torch.testing.assert_close(shared[2][name], plain[2][name], rtol=1e-4, atol=1e-5)
