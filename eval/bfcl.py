@@ -159,15 +159,6 @@ def _read_json(path: str):
         raise BFCLDataError(f"cannot read {path}: {e}; regenerate or remove it") from None
 
 
-def _read_json(path: str):
-    """A JSON file we wrote (report.json, run_config.json); BFCLDataError if it does not read."""
-    try:
-        with open(path, "rb") as f:
-            return json_loads(f.read().decode("utf-8-sig"))
-    except (OSError, ValueError) as e:
-        raise BFCLDataError(f"cannot read {path}: {e}; regenerate or remove it") from None
-
-
 def read_results(path: str) -> list[dict]:
     """Rows {"id": str, "result": str} of a results file; BFCLDataError with file:line for anything else."""
     if not os.path.exists(path):

@@ -25,12 +25,11 @@ import inspect
 import json
 import os
 import random
-import re
 import sys
 import types
 from dataclasses import dataclass, field
 
-from data.calls import CallSyntaxError, PromptFormat, decode_bfcl_result, format_calls, parse_python_calls
+from data.calls import PromptFormat, decode_bfcl_result, format_calls, parse_python_calls
 
 MULTI_TURN_CATEGORIES = ("multi_turn_base", "multi_turn_miss_func", "multi_turn_miss_param",
                          "multi_turn_long_context")
@@ -88,14 +87,6 @@ def _read_jsonl(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def _newest(folder: str, category: str) -> str | None:
-    if not os.path.isdir(folder):
-        return None
-    pattern = re.compile(rf"BFCL_v(\d+)_{re.escape(category)}\.json")
-    found = [(int(m.group(1)), name) for name in os.listdir(folder) if (m := pattern.fullmatch(name))]
-    return os.path.join(folder, max(found)[1]) if found else None
-
-
 _DOC_CACHE: dict[tuple[str, str], list[dict]] = {}
 
 
@@ -113,8 +104,9 @@ def load_multi_turn(category: str, data_dir: str, limit: int | None = None) -> l
     """Entries of one multi-turn category, paired with their ground truth by position (as BFCL pairs them)."""
     if category not in MULTI_TURN_CATEGORIES:
         raise MultiTurnDataError(f"unknown multi-turn category {category!r}; choose from {', '.join(MULTI_TURN_CATEGORIES)}")
-    path = _newest(data_dir, category)
-    answer_path = _newest(os.path.join(data_dir, "possible_answer"), category)
+    from eval.bfcl import _category_file  # (eval.bfcl imports this module: a call-time import)
+    path = _category_file(data_dir, category)
+    answer_path = _category_file(os.path.join(data_dir, "possible_answer"), category)
     if path is None or answer_path is None:
         raise MultiTurnDataError(f"no BFCL_v*_{category}.json (and possible_answer/ twin) in {data_dir}: the "
                                  "multi-turn data ships in bfcl-eval (pip install --no-deps bfcl-eval)")

@@ -143,7 +143,6 @@ def shared_prompt_logprobs(model, prompt_ids: list[list[int]], completion_ids: l
         return completion_logprobs(model, prompt_ids, completion_ids, temperature, with_entropy,
                                    vocab_size=vocab_size)
     device = _device(model)
-    head = model.get_output_embeddings()
     hidden_parts = []
     i = 0
     while i < len(prompt_ids):
@@ -206,7 +205,7 @@ class PolicyScorer(torch.nn.Module):
 def describe_paths(model, compute_dtype: torch.dtype, fsdp: bool = False) -> str:
     """One line naming the attention, head-kernel and precision paths in use, with the reason for any fallback
     to a slower one (logged once at start: a missing package must not silently cost speed or memory)."""
-    from model.kernels import fp32_output_matmul_available, pick_backend, triton_available
+    from model.kernels import fp32_output_matmul_available, pick_backend
 
     device = _device(model)
     attn = _attn_implementation(model)

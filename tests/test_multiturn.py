@@ -109,7 +109,8 @@ def official_verdict(official, result, raw_entry: dict, ground_truth) -> bool:
 
 
 def raw_entries(data_dir, category):
-    path = mt._newest(data_dir, category)
+    from eval.bfcl import _category_file
+    path = _category_file(data_dir, category)
     with open(path) as f:
         return {e["id"]: e for e in map(json.loads, f)}
 
