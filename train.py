@@ -181,10 +181,6 @@ def main(argv=None):
     warm_dir = run_dir / "warmup"  # the policy after the supervised warm-up: RL's starting point and reference
     warm_ok = checkpoint_problem(warm_dir) is None
     from_warmup = cfg.resume and resume_from is None and warm_ok
-    if cfg.resume and resume_from is None:  # the logs go back to the state resumed from (for a checkpoint: below)
-        if d.master:
-            drop_rows_after(run_dir, 0 if from_warmup else None)
-        log(f"[train] no checkpoint to resume from: continuing from {'warmup/' if from_warmup else 'the start'}")
     start_from = str(resume_from) if resume_from else (str(warm_dir) if warm_ok else cfg.model)
     # mixed precision: the policy's master weights and optimizer state in fp32, its matmuls in the compute dtype
     compute_dtype = pick_dtype(cfg.dtype, device)
@@ -195,6 +191,10 @@ def main(argv=None):
         hint = "" if isinstance(e, ModelLoadError) else (" (--model takes smollm2-135m, a local model directory or "
                                                          "a Hugging Face id already in the local cache)")
         raise SystemExit(f"error: cannot load {start_from!r}: " + " ".join(str(e).split())[:500] + hint) from None
+    if cfg.resume and resume_from is None:  # the logs go back to the state resumed from (for a checkpoint: below)
+        if d.master:
+            drop_rows_after(run_dir, 0 if from_warmup else None)
+        log(f"[train] no checkpoint to resume from: continuing from {'warmup/' if from_warmup else 'the start'}")
     if cfg.grad_checkpointing:
         policy.gradient_checkpointing_enable()
     vocab_size = real_vocab_size(tokenizer, policy)  # never score head rows the sampler cannot emit
