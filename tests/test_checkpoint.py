@@ -12,8 +12,8 @@ import pytest
 import torch
 from tiny_run import VOLATILE, _args, _final_params, _finish, _run
 
-from model.checkpoint import (MANIFEST, CheckpointError, checkpoint_problem, load_state, resume_training, rng_state,
-                              save_state, save_training_checkpoint, seal, set_rng_state)
+from model.checkpoint import (MANIFEST, CheckpointError, checkpoint_problem, drop_rows_after, load_state,
+                              resume_training, rng_state, save_state, save_training_checkpoint, seal, set_rng_state)
 
 
 class Bomb:
@@ -122,6 +122,17 @@ def test_every_truncated_or_altered_file_fails_verification(tmp_path, tiny_model
     assert "differ" in checkpoint_problem(tmp_path / "extra" / "c")
     (ckpt / "rng-rank0.json").unlink()
     assert "differ" in checkpoint_problem(ckpt)
+
+
+def test_drop_rows_after_keeps_exactly_the_state_resumed_from(tmp_path):
+    rows = [{"phase": "warmup", "step": 0}, {"phase": "warmup", "step": 1}, {"phase": "rl", "step": 1},
+            {"phase": "rl", "step": 2}, {"phase": "eval", "step": 2}, {"phase": "rl", "step": 3},
+            {"phase": "summary", "eval/after_rl/val_accuracy": 0.5}]
+    text = "".join(json.dumps(r) + "\n" for r in rows) + '{"phase": "rl", "st'  # killed mid-write
+    for step, kept in [(2, rows[:5]), (3, rows[:6]), (0, rows[:2]), (None, [])]:
+        (tmp_path / "metrics.jsonl").write_text(text)
+        drop_rows_after(tmp_path, step)
+        assert [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == kept, step
 
 
 LOADED_NAMES = ("trainer_state.json", "trainer_state.safetensors", "rng-rank0.json", "rng-rank0.safetensors")
