@@ -20,15 +20,17 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from safetensors import SafetensorError
 from tqdm import tqdm
 
 from data.calls import PromptFormat
 from data.default import load_default, load_records
 from eval.track import Tracker, open_tracker
-from model.checkpoint import (drop_rows_after, latest_checkpoint, prune_checkpoints, resume_training,
+from model.checkpoint import (checkpoint_problem, checkpoints_newest_first, drop_rows_after, fault_point,
+                              is_old_format, latest_checkpoint, prune_checkpoints, resume_training,
                               save_training_checkpoint, save_warmed_up_policy)
 from model.compat import enable_activation_checkpointing
-from model.load import autocast_to, load_model, load_tokenizer, pick_device, pick_dtype
+from model.load import ModelLoadError, autocast_to, load_model, load_tokenizer, pick_device, pick_dtype
 from model.sample import real_vocab_size
 from model.score import PolicyScorer, describe_paths
 from rl.config_cli import config_to_json, parse_config
@@ -164,9 +166,13 @@ def main(argv=None):
                          "--out-dir (nothing was overwritten)")
     run_files = {"run_config.json": config_to_json(cfg), "prompt_format.json": cfg.prompt_format.to_json()}
     if d.master:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(run_files["run_config.json"])
-        (run_dir / "prompt_format.json").write_text(run_files["prompt_format.json"])
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.json").write_text(run_files["run_config.json"])
+            (run_dir / "prompt_format.json").write_text(run_files["prompt_format.json"])
+        except OSError as e:
+            raise SystemExit(f"error: --out-dir {run_dir}: cannot write there ({e.strerror or e}); choose a "
+                             "writable directory") from None
     tracker = open_tracker(cfg.report_to, run_dir, json.loads(run_files["run_config.json"])) if d.master else Tracker()
 
     def write_row(row: dict):
@@ -178,18 +184,24 @@ def main(argv=None):
     train_records, val_records = load_data(cfg)
 
     # ---------------------------------------------------------------- models
-    resume_from = None
-    if cfg.resume:
-        resume_from = latest_checkpoint(run_dir) if cfg.resume == "auto" else Path(cfg.resume)
-        if cfg.resume != "auto" and not (resume_from / "trainer_state.pt").is_file():
-            raise SystemExit(f"--resume {cfg.resume}: not a complete checkpoint (no trainer_state.pt)")
+    resume_from = find_resume_point(cfg, run_dir, log) if cfg.resume else None
     warm_dir = run_dir / "warmup"  # the policy after the supervised warm-up: RL's starting point and reference
-    start_from = str(resume_from) if resume_from else (str(warm_dir) if (warm_dir / "config.json").is_file()
-                                                        else cfg.model)
-    tokenizer = load_tokenizer(cfg.model if start_from == cfg.model else start_from, cfg.cache_dir or None)
+    warm_ok = checkpoint_problem(warm_dir) is None
+    from_warmup = cfg.resume and resume_from is None and warm_ok
+    start_from = str(resume_from) if resume_from else (str(warm_dir) if warm_ok else cfg.model)
     # mixed precision: the policy's master weights and optimizer state in fp32, its matmuls in the compute dtype
     compute_dtype = pick_dtype(cfg.dtype, device)
-    policy = load_model(start_from, device, "float32", cfg.attn, cfg.cache_dir or None)
+    try:
+        tokenizer = load_tokenizer(cfg.model if start_from == cfg.model else start_from, cfg.cache_dir or None)
+        policy = load_model(start_from, device, "float32", cfg.attn, cfg.cache_dir or None)
+    except (ModelLoadError, OSError, ValueError, SafetensorError) as e:
+        hint = "" if isinstance(e, ModelLoadError) else (" (--model takes smollm2-135m, a local model directory or "
+                                                         "a Hugging Face id already in the local cache)")
+        raise SystemExit(f"error: cannot load {start_from!r}: " + " ".join(str(e).split())[:500] + hint) from None
+    if cfg.resume and resume_from is None:  # the logs go back to the state resumed from (for a checkpoint: below)
+        if d.master:
+            drop_rows_after(run_dir, 0 if from_warmup else None)
+        log(f"[train] no checkpoint to resume from: continuing from {'warmup/' if from_warmup else 'the start'}")
     if cfg.grad_checkpointing:
         enable_activation_checkpointing(policy)
     vocab_size = real_vocab_size(tokenizer, policy)  # never score head rows the sampler cannot emit
@@ -205,18 +217,25 @@ def main(argv=None):
     held_out = functools.partial(evaluate, policy, scorer, tokenizer, val_records, cfg, d)  # held_out(tag) -> row
 
     # ---------------------------------------------------------------- supervised warm-up (cold start)
-    evals = {}
+    evals = Evals(run_dir / "evals.json", d.master)  # written as they happen: summary.json survives any resume
     fresh_start = resume_from is None and start_from == cfg.model
     if fresh_start:
+        evals.reset({})
         evals.update(held_out("before"))
     if fresh_start and cfg.sft_steps > 0:
         supervised_warmup(train_scorer, policy, tokenizer, train_records, cfg, d, write_row)
         save_warmed_up_policy(run_dir, policy, tokenizer, cfg.fsdp, run_files, d.rank, d.barrier)
+        warm_ok = True
+    if from_warmup:  # the warm-up is done and its "before" evaluation recorded; the one after it may not be
+        evals.reset({k: v for k, v in evals.read().items() if k.startswith("eval/before/")})
+    if (fresh_start and cfg.sft_steps > 0) or from_warmup:
         evals.update(held_out("after_warmup"))
 
     reference_scorer = None
     if cfg.kl_coef > 0:  # the frozen reference is where RL starts: the warmed-up policy if there is one
-        ref_source = str(warm_dir) if (warm_dir / "config.json").is_file() else cfg.model
+        if resume_from is not None and cfg.sft_steps > 0 and not warm_ok:
+            raise SystemExit(f"error: {warm_dir} (the KL reference) does not verify: {checkpoint_problem(warm_dir)}")
+        ref_source = str(warm_dir) if warm_ok else cfg.model
         reference = load_model(ref_source, device, cfg.dtype, cfg.attn, cfg.cache_dir or None).eval()
         reference.requires_grad_(False)  # frozen: kept in the compute dtype, no master copy
         reference_scorer = PolicyScorer(reference, vocab_size, cfg.share_prompt_kv, compute_dtype)
@@ -225,9 +244,12 @@ def main(argv=None):
     cursor = PromptCursor(train_records, cfg.seed)
     start_step, skipped_updates = 0, 0
     if resume_from is not None:
-        state = resume_training(resume_from, scorer, optimizer, scheduler, cfg.fsdp, d.rank)
+        try:
+            state = resume_training(resume_from, scorer, optimizer, scheduler, cfg.fsdp, d.rank)
+        except (ValueError, KeyError, TypeError) as e:  # files that verify but do not hold a trainer state
+            raise SystemExit(f"error: {resume_from}: cannot restore the trainer state: {e}") from None
         cursor.state, start_step, skipped_updates = state["cursor"], state["step"], state["skipped_updates"]
-        evals = state.get("evals", {})
+        evals.reset(state["evals"])
         if d.master:
             drop_rows_after(run_dir, start_step)
         log(f"[train] resumed from {resume_from} at step {start_step}")
@@ -274,31 +296,83 @@ def main(argv=None):
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and not last:
             write_row({"phase": "eval", "step": step + 1, **held_out(f"step{step + 1}")})
         if last or (cfg.save_every and (step + 1) % cfg.save_every == 0):
+            fault_point("before_checkpoint")
             if last:
                 evals.update(held_out("after_rl"))
             state = {"cursor": dict(cursor.state), "step": step + 1, "skipped_updates": skipped_updates,
-                     "evals": evals}
+                     "evals": evals.values}
             save_training_checkpoint(run_dir, step + 1, policy, scorer, optimizer, scheduler, tokenizer, state,
                                      run_files, cfg.fsdp, d.rank, d.world, d.barrier)
             if d.master:
                 prune_checkpoints(run_dir, cfg.keep_last)
 
     if d.master:
-        write_summary(run_dir, evals, write_row)
+        write_summary(run_dir, evals.values, write_row)
         tracker.close()
     d.close()
 
 
+def find_resume_point(cfg: Config, run_dir: Path, log) -> Path | None:
+    """The checkpoint to resume from: --resume PATH must verify; --resume auto takes the newest that verifies
+    (None: continue from warmup/ or from the start). Pickled checkpoints of older versions are refused."""
+    if cfg.resume != "auto":
+        problem = checkpoint_problem(cfg.resume)
+        if problem:
+            raise SystemExit(f"error: --resume {cfg.resume}: not a usable checkpoint: {problem}")
+        return Path(cfg.resume)
+    for path in checkpoints_newest_first(run_dir):
+        if is_old_format(path):
+            raise SystemExit(f"error: checkpoint {path} {checkpoint_problem(path)}")
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path
+        log(f"[train] skipping checkpoint {path.name}: {problem}; falling back to an older one")
+    return None
+
+
+class Evals:
+    """The run's evaluations ({"eval/before/val_accuracy": ..., ...}), rewritten to a JSON file (by the master)
+    whenever they change, so that a resumed run's summary holds the same keys as an uninterrupted one's."""
+
+    def __init__(self, path: Path, master: bool):
+        self.path, self.master, self.values = path, master, {}
+
+    def read(self) -> dict:
+        try:
+            values = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+        return values if isinstance(values, dict) else {}
+
+    def reset(self, values: dict) -> None:
+        self.values = dict(values)
+        if self.master:
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text(json.dumps(self.values, indent=1))
+            tmp.replace(self.path)
+
+    def update(self, values: dict) -> None:
+        self.reset({**self.values, **values})
+
+
 def load_data(cfg: Config) -> tuple[list[dict], list[dict]]:
-    """(training records, held-out records) of the chosen difficulty."""
-    train_records = load_records(cfg.train_data) if cfg.train_data else load_default("train")
-    val_records = load_records(cfg.val_data) if cfg.val_data else load_default("val")
+    """(training records, held-out records) of the chosen difficulty. Unreadable or malformed files are a
+    one-line error."""
+    train_records = read_records("--train-data", cfg.train_data) if cfg.train_data else load_default("train")
+    val_records = read_records("--val-data", cfg.val_data) if cfg.val_data else load_default("val")
     if cfg.difficulty != "all":
         train_records = [r for r in train_records if r.get("difficulty", cfg.difficulty) == cfg.difficulty]
         val_records = [r for r in val_records if r.get("difficulty", cfg.difficulty) == cfg.difficulty]
     if not train_records:
         raise SystemExit(f"no training records left after --difficulty {cfg.difficulty}; try --difficulty all")
     return train_records, val_records[: cfg.eval_limit]
+
+
+def read_records(flag: str, path: str) -> list[dict]:
+    try:
+        return load_records(path)
+    except (ValueError, OSError) as e:  # unreadable, not UTF-8 JSON lines, malformed records
+        raise SystemExit(f"error: {flag}: " + " ".join(str(e).split())) from None
 
 
 def lr_factor(step: int, cfg: Config) -> float:

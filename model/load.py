@@ -196,6 +196,6 @@ def load(name: str = DEFAULT_MODEL, device="auto", dtype: str = "auto", attn: st
 
 # ---------------------------------------------------------------------------------------------------------
 # Checkpoints: <run>/checkpoints/step-000040/ holds the policy (save_pretrained: safetensors + config, loads with
-# AutoModelForCausalLM.from_pretrained), its tokenizer, config.json of the run, and trainer_state.pt
-# (optimizer, scheduler, data cursor, step) plus rng-rank<k>.pt for every rank. Written to a .tmp directory and
-# renamed, so a crash never leaves a half checkpoint that --resume auto could pick up.
+# AutoModelForCausalLM.from_pretrained), its tokenizer, config.json of the run, and the trainer state (JSON +
+# safetensors, see model/checkpoint.py). Written to a .tmp directory, sealed with a manifest and renamed, so a
+# crash never leaves a half checkpoint that --resume auto could pick up.

@@ -12,63 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-
-ROOT = Path(__file__).resolve().parents[1]
-VOLATILE = ("time_", "tokens_per_s", "peak_mem_gb")
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, tiny_data):
-    """The tiny random model after a supervised warm-up on the data (train.py --steps 0): it then writes
-    well-formed answers with varying arguments, so graded rewards differ within a group and GRPO has a gradient."""
-    from model.tiny import byte_tokenizer, tiny_model
-    root = tmp_path_factory.mktemp("tiny")
-    tok = byte_tokenizer()
-    tiny_model(tok, seed=1).save_pretrained(root / "random")
-    tok.save_pretrained(root / "random")
-    _finish(_run(["--model", str(root / "random"), "--train-data", str(tiny_data), "--val-data", str(tiny_data),
-                  "--difficulty", "all", "--out-dir", str(root / "warm"), "--steps", "0", "--sft-steps", "60",
-                  "--sft-lr", "3e-3", "--sft-batch-size", "6", "--eval-limit", "1", "--max-new-tokens", "4"]))
-    return root / "warm" / "warmup"
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    """A few short records so the byte-level prompts stay small."""
-    tools = [{"name": "f", "description": "F.", "parameters": {"type": "object", "properties": {
-        "x": {"type": "integer", "description": "X."}}, "required": ["x"]}}]
-    path = tmp_path_factory.mktemp("data") / "train.jsonl"
-    with open(path, "w") as fh:
-        for i in range(6):
-            fh.write(json.dumps({"id": f"r{i}", "messages": [{"role": "user", "content": f"x={i}"}], "tools": tools,
-                                 "answers": [{"name": "f", "arguments": {"x": i}}], "category": "simple",
-                                 "reasoning": "f"}) + "\n")
-    return path
-
-
-def _args(tiny_dir, tiny_data, out, *extra):
-    return ["--model", str(tiny_dir), "--train-data", str(tiny_data), "--val-data", str(tiny_data),
-            "--difficulty", "all", "--out-dir", str(out), "--max-new-tokens", "36", "--group-size", "4",
-            "--prompts-per-step", "2", "--eval-limit", "2", "--sft-batch-size", "2", "--lr", "1e-3",
-            "--sample-every", "1", "--kl-coef", "0.05", "--reward-mode", "graded", *extra]
-
-
-def _run(args, nproc=1, **kw):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(ROOT / "train.py"), *args]
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
-
-
-def _finish(proc, timeout=300):
-    out, _ = proc.communicate(timeout=timeout)
-    assert proc.returncode == 0, out[-4000:]
-    return out
-
-
-def _rl_rows(run):
-    rows = [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if not k.startswith(VOLATILE)} for r in rows if r["phase"] == "rl"]
+from tiny_run import ROOT, VOLATILE, _args, _final_params, _finish, _rl_rows, _run
 
 
 def _assert_rows_match(a: dict, b: dict, rel=1e-6, abs=1e-7):
@@ -81,10 +25,6 @@ def _assert_rows_match(a: dict, b: dict, rel=1e-6, abs=1e-7):
             assert y == pytest.approx(x, rel=rel, abs=abs), (key, x, y)
         else:
             assert x == y, (key, x, y)
-
-
-def _final_params(run, step):
-    return load_file(Path(run) / "checkpoints" / f"step-{step:06d}" / "model.safetensors")
 
 
 def test_run_writes_config_metrics_samples_checkpoint(tiny_dir, tiny_data, tmp_path):
@@ -263,7 +203,8 @@ def _golden_facts(run):
     ckpt = run / "checkpoints" / "step-000003"
     params = {name: hashlib.sha256(t.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
               for name, t in sorted(load_file(ckpt / "model.safetensors").items())}
-    optim = torch.load(ckpt / "trainer_state.pt", weights_only=False)["optimizer"]["state"]
+    from model.checkpoint import load_state
+    optim = load_state(ckpt / "trainer_state")["optimizer"]["state"]
     optim_sums = {f"{i}/{k}": float(v.double().sum()) for i, s in sorted(optim.items()) for k, v in sorted(s.items())}
     return {"rows": rows, "params_sha256": params, "optimizer_sums": optim_sums}, logged_reasons
 

@@ -1,0 +1,41 @@
+"""Helpers for end-to-end runs of train.py on the tiny model (fixtures tiny_dir / tiny_data: conftest.py)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+VOLATILE = ("time_", "tokens_per_s", "peak_mem_gb")
+
+
+def _args(tiny_dir, tiny_data, out, *extra):
+    return ["--model", str(tiny_dir), "--train-data", str(tiny_data), "--val-data", str(tiny_data),
+            "--difficulty", "all", "--out-dir", str(out), "--max-new-tokens", "36", "--group-size", "4",
+            "--prompts-per-step", "2", "--eval-limit", "2", "--sft-batch-size", "2", "--lr", "1e-3",
+            "--sample-every", "1", "--kl-coef", "0.05", "--reward-mode", "graded", *extra]
+
+
+def _run(args, nproc=1, env=None, **kw):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **(env or {}))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(ROOT / "train.py"), *args]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def _finish(proc, timeout=300):
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+def _rl_rows(run):
+    rows = [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if not k.startswith(VOLATILE) and k != "phase"} for r in rows
+            if r["phase"] == "rl"]
+
+
+def _final_params(run, step):
+    return load_file(Path(run) / "checkpoints" / f"step-{step:06d}" / "model.safetensors")
