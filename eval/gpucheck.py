@@ -69,7 +69,7 @@ class Sizes:
 
 H200_SIZES = Sizes("qwen2.5-0.5b", "qwen2.5-7b", (2, 4), 28, 2048, 8192, 4096, "qwen2.5-0.5b,qwen2.5-7b", 3,
                    (4, 4, 300, 200), 8, 8, 256, 2048, 4, 8, 256, 64)
-TINY_SIZES = Sizes("tiny", "tiny-untied", (1, 2), 4, 32, 512, 32, "tiny", 1, (2, 3, 24, 8), 1, 3, 6, 24, 1, 2,
+TINY_SIZES = Sizes("tiny", "tiny-untied", (1, 2), 4, 32, 512, 32, "tiny", 1, (2, 3, 24, 8), 1, 2, 4, 24, 1, 2,
                    4, 8)
 
 
@@ -356,7 +356,8 @@ def stage_head_kernel(ctx: Context) -> dict:
     from model.tiny import QWEN25_SHAPES, QWEN_USABLE_IDS, QWEN_VOCAB
 
     device, dtype = ctx.device, ctx.compute_dtype
-    n, h, v, temperature = ctx.sizes.head_tokens, QWEN25_SHAPES[ctx.sizes.big_shape]["hidden_size"], QWEN_USABLE_IDS, 0.7
+    n, v, temperature = ctx.sizes.head_tokens, QWEN_USABLE_IDS, 0.7
+    h = QWEN25_SHAPES[ctx.sizes.big_shape]["hidden_size"]
     g = torch.Generator(device="cpu").manual_seed(0)
     hidden = (torch.randn(n, h, generator=g) * 2).to(device, dtype).requires_grad_()  # logits of a few units
     head = (torch.randn(QWEN_VOCAB, h, generator=g) / h**0.5).to(device, dtype).requires_grad_()
@@ -471,10 +472,10 @@ def _grpo_step(ctx: Context, shape: str, layers: int | None) -> dict:
     """One GRPO step with the trainer's own functions (rollouts, scoring, update) on a random model of `shape`
     (fp32 masters, bf16 compute on CUDA, a frozen reference in the compute dtype), then a second update in
     micro-batches that measures the memory per micro-batch token."""
+    from data.default import load_default
     from model.load import autocast_to
     from model.score import PolicyScorer
     from model.tiny import QWEN_USABLE_IDS, qwen_shaped_model, qwen_stub_tokenizer
-    from data.default import load_default
     from rl.dist import Dist
     from rl.rollout import PromptCursor, collect_rollouts
     from rl.update import score_rollouts, update_policy
@@ -582,9 +583,9 @@ def stage_fsdp(ctx: Context) -> dict:
     every collective the trainer issues works on this process group."""
     import torch.distributed as dist
 
+    from data.default import load_default
     from model.score import PolicyScorer
     from model.tiny import QWEN_USABLE_IDS, qwen_shaped_model, qwen_stub_tokenizer
-    from data.default import load_default
     from rl.dist import finite_on_all_ranks, full_params, init_distributed, process_group_backend, wrap_for_training
     from rl.rollout import PromptCursor, collect_rollouts
     from rl.update import score_rollouts, update_policy
@@ -609,10 +610,13 @@ def stage_fsdp(ctx: Context) -> dict:
             with torch.no_grad(), full_params(scorer, fsdp):
                 batch = collect_rollouts(policy, tokenizer, PromptCursor(records, 0), 0, cfg, d)
             scored = score_rollouts(scorer, None, batch, tokenizer, cfg, d)
-            optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-4)
+            # plain SGD: the step is the gradient itself (Adam's first step is lr * sign(g), which would hide
+            # gradient differences and flip on gradients near zero)
+            optimizer = torch.optim.SGD(policy.parameters(), lr=0.1)
             policy.train()
-            stats = update_policy(train_module, policy, optimizer, batch, scored, _random_advantages(batch, cfg.group_size), 0,
-                                  cfg, d, log=lambda msg: None)
+            advantages = _random_advantages(batch, cfg.group_size)
+            stats = update_policy(train_module, policy, optimizer, batch, scored, advantages, 0, cfg, d,
+                                  log=lambda msg: None)
             params = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().float().cpu()
                       for k, v in policy.state_dict().items()}
             steps[name] = (batch.completions, params, stats)

@@ -27,9 +27,9 @@ QWEN25_SHAPES = {
     "qwen2.5-7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                        num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False),
     # the same layout at toy width (the real 151,936-row head kept), for CPU runs of the GPU check
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    "tiny": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, tie_word_embeddings=True),
-    "tiny-untied": dict(hidden_size=96, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
+    "tiny-untied": dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                         num_key_value_heads=2, tie_word_embeddings=False),
 }
 QWEN_VOCAB = 151936
@@ -107,7 +107,8 @@ STUB_MERGES_VOCAB = 32768  # BPE tokens learned from the project's text; the res
 
 def _stub_training_text() -> list[str]:
     """Text the project carries: the embedded default data (questions, reasoning, tool schemas as compact and as
-    indented JSON, answers), the README and the sources (English prose, code, the prompt wording)."""
+    indented JSON, answers) and the README (English prose, code, the prompt wording). The stub's merges follow
+    these files: a changed README can move a prompt's length by a token or two."""
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
@@ -118,16 +119,15 @@ def _stub_training_text() -> list[str]:
             texts += [m["content"] for m in record["messages"]] + [record.get("reasoning", "")]
             texts += [json.dumps(record["tools"]), json.dumps(record["tools"], indent=4), json.dumps(record["answers"])]
     texts.append((root / "README.md").read_text())
-    texts += [path.read_text() for folder in ("data", "model", "rl", "eval") for path in sorted((root / folder).glob("*.py"))]
     return texts
 
 
 @functools.lru_cache(maxsize=1)
 def qwen_stub_tokenizer():
     """A tokenizer with Qwen2.5's vocabulary size and special-token ids, built in code from nothing: a byte-level
-    BPE learned from the embedded default data (so prompts come out about as long as a real BPE tokenizer makes
-    them, not 4x longer like the byte tokenizer), its regular ids padded with never-produced filler tokens up to
-    151,643, then Qwen's 22 special tokens at 151,643..151,664, and a ChatML template. For GPU checks and
+    BPE learned from the embedded default data and the README (so prompts come out about as long as a real BPE
+    tokenizer makes them, not 4x longer like the byte tokenizer), its regular ids padded with never-produced filler
+    tokens up to 151,643, then Qwen's 22 special tokens at 151,643..151,664, and a ChatML template. For GPU checks and
     benchmarks of randomly initialised Qwen-shaped models: the head is 151,936 rows with 151,665 real ids, as in
     the real models. Builds in a few seconds, once per process (callers must not modify it)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
