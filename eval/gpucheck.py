@@ -558,20 +558,20 @@ def stage_grpo_step(ctx: Context) -> dict:
 
 def stage_sampler(ctx: Context) -> dict:
     """eval.bench sampler on a random 0.5B model with the tokenizer stub: the trainer's configuration (a seed per
-    completion, log-probs) vs plain batched generate, static cache + compile on CUDA (its compile seconds are
-    the first call's), as tokens/s and as a fraction of the decode bandwidth bound at stage 0's GB/s."""
+    completion, log-probs) vs plain batched generate, static cache + compile (its compile seconds are the first
+    call's; on CPU transformers runs the static cache without compiling), as tokens/s and as a fraction of the
+    decode bandwidth bound at stage 0's GB/s."""
     from eval.bench import bench_sampler
 
     sizes = ctx.sizes
     argv = ["--device", str(ctx.device), "--random", "--shape", sizes.small_shape, "--prompts",
             str(sizes.sampler_prompts), "--group-size", str(sizes.sampler_group), "--new-tokens",
-            str(sizes.sampler_new_tokens), "--skip-naive", "--skip-expand", "--static", "auto"]
+            str(sizes.sampler_new_tokens), "--skip-naive", "--skip-expand", "--static", "on"]
     if ctx.ceilings.get("copy_gbs"):
         argv += ["--bandwidth-gbs", str(ctx.ceilings["copy_gbs"])]
     result = bench_sampler(argv)
     ctx.check(result.get("sampler_trainer_tok_per_s", 0) > 0, "the trainer-configured sampler produced nothing")
-    if ctx.cuda:
-        ctx.check("sampler_trainer_static_tok_per_s" in result, "the static-cache sampler did not run")
+    ctx.check("sampler_trainer_static_tok_per_s" in result, "the static-cache sampler did not run")
     keys = [k for k in result if k.endswith("tok_per_s")]
     result["summary"] = ", ".join(f"{k.removesuffix('_tok_per_s')} {result[k]:.4g} tok/s" for k in keys)
     return result
@@ -692,21 +692,20 @@ def stage_train_e2e(ctx: Context) -> dict:
                    "step_s": [round(r["time_step"], 2) for r in rl], "peak_mem_gb": max(r["peak_mem_gb"] for r in rl),
                    "evaluations": sorted(k for r in rows if r.get("phase") == "summary" for k in r if "eval/" in k)}
         if checkpoint is not None:
-            # a random model earns no reward, so every advantage is 0 and RL leaves the warmed-up weights as they
-            # are: the checkpoint must hold exactly those, and differ from the initial model
+            # the warm-up trained the random model, so the checkpoint must differ from it; a random model earns no
+            # reward, so RL moved the weights only through the KL term (not at all when policy and reference
+            # compute in the same precision): reported, not required
             loaded = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
             warm = AutoModelForCausalLM.from_pretrained(run_dir / "warmup", dtype=torch.float32)
             initial = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
             head_rows = loaded.get_output_embeddings().weight.shape[0]
-            figures.update(head_rows=head_rows, rewards=[r["reward"] for r in rl], checkpoint_equals_warmup=all(
-                torch.equal(a, b) for a, b in zip(loaded.parameters(), warm.parameters())),
-                warmup_changed_weights=any(not torch.equal(a, b) for a, b in zip(warm.parameters(),
-                                                                                  initial.parameters())))
+            figures.update(head_rows=head_rows, rewards=[r["reward"] for r in rl],
+                           checkpoint_equals_warmup=all(torch.equal(a, b) for a, b in
+                                                        zip(loaded.parameters(), warm.parameters())),
+                           checkpoint_differs_from_initial=any(not torch.equal(a, b) for a, b in
+                                                               zip(loaded.parameters(), initial.parameters())))
             ctx.check(head_rows == 151936, f"the checkpoint's head has {head_rows} rows")
-            ctx.check(figures["warmup_changed_weights"], "the warm-up left the initial weights unchanged")
-            if not any(figures["rewards"]):
-                ctx.check(figures["checkpoint_equals_warmup"], "zero advantages, yet the checkpoint differs from "
-                          "the warmed-up policy")
+            ctx.check(figures["checkpoint_differs_from_initial"], "the checkpoint holds the initial weights")
         ctx.check(len(figures["evaluations"]) >= 2, "the evaluations are missing from the summary")
     figures["summary"] = (f"{wall:.0f} s, steps {figures['step_s']} s, checkpoint {figures['checkpoint']} "
                           "loads with from_pretrained")

@@ -40,7 +40,7 @@ def test_every_stage_ok_with_figures_on_cpu_tiny(tmp_path):
     assert fig["scoring"]["packed_float32_max_abs_diff"] < 2e-3
     assert fig["scoring"]["master_weights_moved_fraction"] > 0.5
     assert fig["grpo-step"]["small"]["updates"] == 1 and fig["grpo-step"]["big_scaled_to_full"]["peak_gib"] > 0
-    assert fig["sampler"]["sampler_trainer_tok_per_s"] > 0
+    assert fig["sampler"]["sampler_trainer_tok_per_s"] > 0 and fig["sampler"]["sampler_trainer_static_tok_per_s"] > 0
     assert fig["fsdp"]["param_max_abs_diff"] < 1e-5 and all(fig["fsdp"]["collectives"].values())
     assert fig["train-e2e"]["rl_steps"] == 2 and fig["train-e2e"]["head_rows"] == 151936
     table = proc.stdout[proc.stdout.rindex("stage  name"):]  # the summary table comes last
