@@ -35,7 +35,7 @@ import sys
 import tempfile
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -603,7 +603,8 @@ def stage_fsdp(ctx: Context) -> dict:
         records = load_default("train")
         steps = {}
         for name, policy, fsdp in (("fsdp", sharded, True), ("plain", plain, False)):
-            scorer = PolicyScorer(policy, QWEN_USABLE_IDS, not fsdp, torch.float32)
+            # the same scoring path on both sides (FSDP cannot share a prompt's forward), so only sharding differs
+            scorer = PolicyScorer(policy, QWEN_USABLE_IDS, False, torch.float32)
             train_module = wrap_for_training(scorer, policy, fsdp, d, device)
             cfg.fsdp = fsdp
             policy.eval()
