@@ -10,7 +10,7 @@ DIR/report.jsonl as soon as it ends (stage, name, ok, seconds, estimate, figures
 half-way leaves a valid report of the stages it finished; a stage whose estimate does not fit in what is left
 of --budget is written as skipped with the reason. A table of all stages is printed last.
 
-Stages (estimates on one H200; --tiny on CPU runs each at toy sizes):
+Stages (their estimates on one H200 are in STAGES below; --tiny on CPU runs each at toy sizes):
   0 environment      versions, device, attention/head/precision paths; bf16 GEMM and copy ceilings
   1 gpu-tests        pytest -m gpu (any skip but "flash-attn not installed" fails); on CPU: marker discipline
                      of every CUDA test, their clean skips, and the Triton kernel tests under the interpreter
