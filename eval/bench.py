@@ -58,7 +58,7 @@ def bench_kernels(argv):
     from model.kernels import logprob_entropy, naive_logprob_entropy, triton_available
 
     shapes = {"smollm2-135m": (4096, 576, 49152), "qwen2.5-0.5b": (4096, 896, 151936),
-              "qwen2.5-7b": (16384, 3584, 151936)}
+              "qwen2.5-7b": (16384, 3584, 151936), "tiny": (128, 64, 151936)}
     parser = argparse.ArgumentParser(prog="python -m eval.bench kernels")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--shapes", default=None, help=f"comma list of {', '.join(shapes)} (default: all on GPU, "
@@ -191,8 +191,9 @@ def bench_sampler(argv):
     """Completion tokens/s of model.sample.sample against one generate() per completion (naive loop) and one plain
     batched generate() with num_return_sequences=G. Every completion is forced to --new-tokens tokens
     (min_new_tokens) so all methods do the same work. CPU: the embedded default model. GPU: a randomly initialised
-    Qwen2.5-shaped model (byte tokenizer), plus the static-cache + compiled sampler and the fraction of the
-    decode memory-bandwidth limit reached."""
+    Qwen2.5-shaped model (--random on CPU too) with the Qwen-sized tokenizer stub, plus the sampler in the trainer's
+    configuration (a seed per completion, log-probs recorded), the static-cache + compiled sampler and the
+    fraction of the decode memory-bandwidth limit reached."""
     import argparse
     import json as _json
 
@@ -208,15 +209,22 @@ def bench_sampler(argv):
                     help="completions the naive loop times (its tokens/s does not depend on how many)")
     ap.add_argument("--model", default="smollm2-135m", help="CPU model (--model of model.load)")
     ap.add_argument("--shape", default="qwen2.5-0.5b", help="GPU model shape (model.tiny.QWEN25_SHAPES)")
+    ap.add_argument("--random", action="store_true", help="a random --shape model on CPU too (default on GPU)")
     ap.add_argument("--skip-naive", action="store_true")
+    ap.add_argument("--skip-expand", action="store_true", help="skip the expand-then-prefill variant")
+    ap.add_argument("--static", default="auto", choices=["auto", "on", "off"],
+                    help="time the static-cache + compiled sampler (auto: on CUDA only)")
+    ap.add_argument("--bandwidth-gbs", type=float, default=None,
+                    help="memory bandwidth for the decode bound (default: the datasheet's, H100/H200 only)")
     args = ap.parse_args(argv)
 
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
-    if device.type == "cuda":
-        from model.tiny import byte_tokenizer, qwen_shaped_model
-        model, tok = qwen_shaped_model(args.shape, dtype=torch.bfloat16, device=device).eval(), byte_tokenizer()
-        model_name = f"random {args.shape} bf16"
+    if device.type == "cuda" or args.random:
+        from model.tiny import qwen_shaped_model, qwen_stub_tokenizer
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        model, tok = qwen_shaped_model(args.shape, dtype=dtype, device=device).eval(), qwen_stub_tokenizer()
+        model_name = f"random {args.shape} {str(dtype).removeprefix('torch.')}"
     else:
         from model.load import load
         model, tok = load(args.model, device="cpu")
@@ -247,7 +255,7 @@ def bench_sampler(argv):
         messages = [{"role": "system", "content": system}, {"role": "user", "content": questions[i % len(questions)]}]
         ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
-        prompt_ids.append(list(ids)[-400:])  # the byte tokenizer makes long prompts: keep a few hundred tokens
+        prompt_ids.append(list(ids)[-400:])  # a few hundred tokens (the byte tokenizer makes ~4x longer ones)
     G, new = args.group_size, args.new_tokens
 
     def timed(fn):
@@ -292,15 +300,20 @@ def bench_sampler(argv):
         n, dt = timed(batched)
         add("batched generate (num_return_sequences)", n, dt)
 
-        for label, kw in [("sampler, prefill once", dict(prefill_once=True)),
-                          ("sampler, expand then prefill", dict(prefill_once=False))]:
+        variants = [("sampler, prefill once", dict(prefill_once=True))]
+        if not args.skip_expand:
+            variants.append(("sampler, expand then prefill", dict(prefill_once=False)))
+        # as the trainer samples: one seed per completion, log-probs of the sampled ids recorded
+        trainer = dict(row_seeds=list(range(len(prompt_ids) * G)), return_logprobs=True)
+        variants.append(("sampler, trainer config", trainer))
+        for label, kw in variants:
             r, dt = timed(lambda: sample(model, tok, prompt_ids, **common, **kw))
             add(label, sum(len(c) for c in r.completion_ids), dt)
 
-        if device.type == "cuda":
-            _, compile_s = timed(lambda: sample(model, tok, prompt_ids, **common, static_cache=True))
-            r, dt = timed(lambda: sample(model, tok, prompt_ids, **common, static_cache=True))
-            add("sampler, static cache + compile", sum(len(c) for c in r.completion_ids), dt,
+        if args.static == "on" or (args.static == "auto" and device.type == "cuda"):
+            _, compile_s = timed(lambda: sample(model, tok, prompt_ids, **common, **trainer, static_cache=True))
+            r, dt = timed(lambda: sample(model, tok, prompt_ids, **common, **trainer, static_cache=True))
+            add("sampler, trainer config, static cache + compile", sum(len(c) for c in r.completion_ids), dt,
                 compile_s=compile_s)
 
     by = {r["method"]: r for r in rows}
@@ -311,14 +324,18 @@ def bench_sampler(argv):
         r["x_batched"] = r["tok_per_s"] / base_batched["tok_per_s"]
 
     # decode is bound by reading the weights (+ the KV cache) once per step; only meaningful where HBM is known
-    if device.type == "cuda":
+    hbm = args.bandwidth_gbs * 1e9 if args.bandwidth_gbs else None
+    if device.type == "cuda" and hbm is None:
         name = torch.cuda.get_device_name()
         hbm = 4.8e12 if "H200" in name else 3.35e12 if "H100" in name else None
+    if hbm:
         cfg = model.config
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         mean_ctx = sum(len(p) for p in prompt_ids) / len(prompt_ids) + new / 2
-        kv_bytes = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * 2 * len(prompt_ids) * G * mean_ctx
+        element = next(model.parameters()).element_size()
+        kv_bytes = (2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * element * len(prompt_ids) * G
+                    * mean_ctx)
         for r in rows:
             batch = 1 if r["method"].startswith("naive") else len(prompt_ids) * G  # sequences per decode step
             step_s = r["seconds"] / (r["tokens"] / batch)  # measured seconds per decode step (prefill included)
@@ -326,7 +343,7 @@ def bench_sampler(argv):
             r["bw_fraction"] = bound_s / step_s if hbm else None
 
     columns = ["method", "tokens", "seconds", "tok_per_s", "x_naive", "x_batched"]
-    if device.type == "cuda":
+    if hbm:
         columns.append("bw_fraction")
     print(f"sampler: {model_name} on {device.type}, {len(prompt_ids)} prompts "
           f"({min(map(len, prompt_ids))}-{max(map(len, prompt_ids))} tokens) x G={G}, {new} new tokens each, "
@@ -336,7 +353,8 @@ def bench_sampler(argv):
               "new_tokens": new, "prompt_tokens": [len(p) for p in prompt_ids]}
     short = {"naive loop (1 generate per completion)": "naive", "batched generate (num_return_sequences)": "batched",
              "sampler, prefill once": "sampler", "sampler, expand then prefill": "sampler_expand",
-             "sampler, static cache + compile": "sampler_static"}
+             "sampler, trainer config": "sampler_trainer",
+             "sampler, trainer config, static cache + compile": "sampler_trainer_static"}
     for r in rows:
         key = short[r["method"]]
         result[f"{key}_tok_per_s"] = round(r["tok_per_s"], 2)

@@ -223,7 +223,8 @@ def test_logprob_gap():
         logprob_gap(a, b[:2])
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="static cache + torch.compile is a CUDA path")
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (static cache + compile)")
 def test_static_cache_compiled_on_cuda(tiny_tokenizer):
     from model.tiny import tiny_model
     model = tiny_model(tiny_tokenizer).cuda().double().eval()  # float64: compiled kernels must not flip an argmax
