@@ -24,7 +24,6 @@ import copy
 import inspect
 import json
 import os
-import random
 import sys
 import types
 from dataclasses import dataclass, field
@@ -573,34 +572,25 @@ def run_episodes(model, tokenizer, entries: list[MultiTurnEntry], data_dir: str,
 
 
 def select_entries(entries: list[MultiTurnEntry], limit: int | None, seed: int = 0) -> list[MultiTurnEntry]:
-    """The fixed random subset of `run --limit` (same draw as the single-turn categories: seed 0, data order)."""
-    if limit is None or limit >= len(entries):
-        return list(entries)
-    if limit < 0:
-        raise MultiTurnDataError(f"--limit must be >= 0, got {limit}")
-    keep = sorted(random.Random(seed).sample(range(len(entries)), limit))
-    return [entries[i] for i in keep]
+    """The fixed random subset of `run --limit` (eval.bfcl.select_subset: the single-turn categories' draw)."""
+    from eval.bfcl import select_subset  # (eval.bfcl imports this module: a call-time import)
+    return select_subset(entries, limit, seed)
 
 
 # ----------------------------------------------------------------------------------------------------
 # Used by eval/bfcl.py (run / score / report) and by train.py's --eval-bfcl
 
 def read_result_rows(path: str) -> list[dict]:
-    """A multi-turn result file: one {"id", "result": [[step text, ...] per turn]} JSON object per line."""
+    """A multi-turn result file: one {"id", "result": [[step text, ...] per turn]} JSON object per line (read like
+    every results file: eval.bfcl's reader, a byte-order mark allowed, file:line in errors)."""
+    from eval.bfcl import _read_jsonl
     if not os.path.exists(path):
         raise MultiTurnDataError(f"results file {path} does not exist")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError:
-                raise MultiTurnDataError(f"{path}:{n} is not a JSON line") from None
-            if not isinstance(row, dict) or "id" not in row or "result" not in row:
-                raise MultiTurnDataError(f'{path}:{n} must be {{"id": ..., "result": [[step texts] per turn]}}')
-            rows.append(row)
+    for n, row in _read_jsonl(path, "results"):
+        if not isinstance(row, dict) or "id" not in row or "result" not in row:
+            raise MultiTurnDataError(f'{path}:{n} must be {{"id": ..., "result": [[step texts] per turn]}}')
+        rows.append(row)
     return rows
 
 
