@@ -1,7 +1,7 @@
 """Benchmarks. Each prints a table and ends with one JSON line of all its figures.
 
     python -m eval.bench kernels   # log-prob/entropy head: naive vs chunked torch vs Triton
-    python -m eval.bench sampler   # rollout tokens/s vs a naive generate loop
+    python -m eval.bench sampler   # rollout tokens/s: the trainer's sampler vs batched generate, vs the bound
     python -m eval.bench step      # seconds per GRPO step and its split, peak memory
     python -m eval.bench learn     # pure RL on one easy prompt: the reward curve
     python -m eval.bench trl       # TRL's GRPOTrainer at `step`'s settings (needs pip install trl datasets)
@@ -187,35 +187,85 @@ def bench_kernels(argv):
             "repeats": repeats, "results": rows}
 
 
-def bench_sampler(argv):
-    """Completion tokens/s of model.sample.sample against one generate() per completion (naive loop) and one plain
-    batched generate() with num_return_sequences=G. Every completion is forced to --new-tokens tokens
-    (min_new_tokens) so all methods do the same work. CPU: the embedded default model. GPU: a randomly initialised
-    Qwen2.5-shaped model (--random on CPU too) with the Qwen-sized tokenizer stub, plus the sampler in the trainer's
-    configuration (a seed per completion, log-probs recorded), the static-cache + compiled sampler and the
-    fraction of the decode memory-bandwidth limit reached."""
-    import argparse
-    import json as _json
+def machine_ceilings(device: torch.device) -> dict:
+    """Measured ceilings of this machine: dense matmul FLOP/s in the compute dtype, and memory copy bandwidth
+    (bytes read + written per second). They bound what decoding can reach (see `decode_bound_s`)."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    n = 4096 if device.type == "cuda" else 1536
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    src = torch.empty(2 ** 26 if device.type == "cuda" else 2 ** 25, device=device)  # 256 / 128 MiB fp32
+    dst = torch.empty_like(src)
 
-    from model.sample import build_generation_config, pad_id_of, sample
+    def best_of(fn, repeats):
+        times = []
+        for _ in range(repeats + 1):  # the first run warms up
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        return min(times[1:])
+
+    flops = 2 * n ** 3 / best_of(lambda: a @ b, 3)
+    copy = 2 * src.numel() * src.element_size() / best_of(lambda: dst.copy_(src), 3)
+    return {"matmul_flops": flops, "copy_bytes_per_s": copy}
+
+
+def decode_bound_s(model, prompt_tokens: int, completion_lengths: list[int], ceilings: dict) -> float:
+    """Least time the work could take on this machine: every matmul weight is read once per decode step (steps =
+    the longest completion: rows decode in lockstep), and 2 FLOPs per weight per token processed (each distinct
+    prompt token once, each useful completion token once); the larger of the two. Attention FLOPs and the KV
+    cache reads are left out, so the bound is optimistic."""
+    embed, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    matmul_weights = sum(p.numel() for p in model.parameters()) - embed.numel() + \
+        (head.numel() if head is embed else 0)
+    weight_bytes = matmul_weights * embed.element_size()
+    compute_s = 2 * matmul_weights * (prompt_tokens + sum(completion_lengths)) / ceilings["matmul_flops"]
+    bandwidth_s = max(completion_lengths, default=0) * weight_bytes / ceilings["copy_bytes_per_s"]
+    return max(compute_s, bandwidth_s)
+
+
+def bench_sampler(argv):
+    """Completion tokens/s of model.sample.sample as the trainer calls it (a seed per completion, log-probs
+    recorded) on the default data's prompts (rendered as the trainer renders them), against plain batched generate()
+    with num_return_sequences=G and a naive loop of one generate() per completion; with ablations of the sampler's
+    parts. Completions have their natural lengths: every method's tokens are counted up to each row's first EOS
+    (included), so time spent on rows that are already done counts against a method. Each method runs on the same
+    --rounds prompt sets (a round is one trainer step's prompts), interleaved, and is compared with the machine's
+    bound (`decode_bound_s` over the measured `machine_ceilings`).
+    CPU: the embedded default model, or --model (a checkpoint directory). GPU (or --random): a randomly initialised
+    Qwen2.5-shaped model with the Qwen-sized tokenizer stub; there the static-cache + compiled sampler runs too."""
+    import argparse
+    import random
+
+    from data.calls import PromptFormat, render_prompt
+    from data.default import load_default
+    from model.sample import eos_token_ids, pad_id_of, sample
 
     ap = argparse.ArgumentParser(prog="python -m eval.bench sampler")
     ap.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    ap.add_argument("--prompts", type=int, default=2, help="prompts per round (train.py --prompts-per-step)")
     ap.add_argument("--group-size", type=int, default=8)
-    ap.add_argument("--prompts", type=int, default=4)
-    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=96, help="completion length cap (train.py --max-new-tokens)")
     ap.add_argument("--temperature", type=float, default=0.7)
-    ap.add_argument("--naive-completions", type=int, default=8,
+    ap.add_argument("--rounds", type=int, default=3, help="prompt sets (steps) timed per method")
+    ap.add_argument("--naive-completions", type=int, default=4,
                     help="completions the naive loop times (its tokens/s does not depend on how many)")
-    ap.add_argument("--model", default="smollm2-135m", help="CPU model (--model of model.load)")
+    ap.add_argument("--model", default="smollm2-135m", help="CPU model: smollm2-135m or a checkpoint directory")
     ap.add_argument("--shape", default="qwen2.5-0.5b", help="GPU model shape (model.tiny.QWEN25_SHAPES)")
     ap.add_argument("--random", action="store_true", help="a random --shape model on CPU too (default on GPU)")
+    ap.add_argument("--answer-format", default="think", help="prompt format (as train.py)")
+    ap.add_argument("--tools-as", default="python")
+    ap.add_argument("--prefill", default="<think>")
     ap.add_argument("--skip-naive", action="store_true")
-    ap.add_argument("--skip-expand", action="store_true", help="skip the expand-then-prefill variant")
+    ap.add_argument("--skip-ablations", "--skip-expand", action="store_true",
+                    help="time only the full sampler (not the variants without one of its parts)")
     ap.add_argument("--static", default="auto", choices=["auto", "on", "off"],
-                    help="time the static-cache + compiled sampler (auto: on CUDA only)")
-    ap.add_argument("--bandwidth-gbs", type=float, default=None,
-                    help="memory bandwidth for the decode bound (default: the datasheet's, H100/H200 only)")
+                    help="also time the static-cache sampler (auto: on CUDA only; transformers compiles it on CUDA)")
+    ap.add_argument("--bandwidth-gbs", type=float, default=None, help="memory bandwidth for the bound (default: "
+                    "measured by a copy)")
     args = ap.parse_args(argv)
 
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
@@ -231,140 +281,120 @@ def bench_sampler(argv):
         model.eval()
         model_name = args.model
 
-    # function-calling prompts of a few hundred tokens: a system turn listing tools as JSON, one user question
-    def tool(name, what, params):
-        return {"name": name, "description": f"{what}. Returns a JSON object with the result.",
-                "parameters": {"type": "object", "required": [params[0]], "properties": {
-                    p: {"type": "string", "description": f"The {p.replace('_', ' ')} to use."} for p in params}}}
-    tools = [tool("get_weather", "Current weather for a city", ["city", "units"]),
-             tool("convert_currency", "Convert an amount between currencies", ["amount", "base", "target"]),
-             tool("search_flights", "Search flights between two airports", ["origin", "destination", "date"]),
-             tool("book_table", "Reserve a restaurant table", ["restaurant", "time", "party_size"]),
-             tool("get_stock_price", "Latest price of a stock ticker", ["ticker", "exchange"])]
-    questions = ["What's the weather like in Paris right now, in celsius?",
-                 "How much is 20000 JPY in USD?",
-                 "Find me a flight from SFO to JFK on 2024-07-04 and book a table for 4 at Nopa at 7pm.",
-                 "What is Apple trading at on NASDAQ?", "Convert 15 EUR to GBP please.",
-                 "Is it raining in Lima?", "Show flights from LHR to CDG tomorrow.", "Price of MSFT?"]
-    prompt_ids = []
-    for i in range(args.prompts):
-        system = ("You are an expert in composing functions. You are given a question and a set of possible "
-                  "functions. Make one or more function calls to answer it. Reply with the calls only, as "
-                  "[func_name1(param=value, ...), func_name2(...)].\nHere is the list of functions in JSON format:\n"
-                  + _json.dumps(tools[:3 + i % 3]))
-        messages = [{"role": "system", "content": system}, {"role": "user", "content": questions[i % len(questions)]}]
-        ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
-        prompt_ids.append(list(ids)[-400:])  # a few hundred tokens (the byte tokenizer makes ~4x longer ones)
+    fmt = PromptFormat(args.answer_format, args.tools_as, args.prefill)
+    records = load_default("train")
+    picks = random.Random(0).sample(range(len(records)), args.rounds * args.prompts)
+    rounds = []  # per round: the prompts' token ids
+    for r in range(args.rounds):
+        chosen = [records[i] for i in picks[r * args.prompts:(r + 1) * args.prompts]]
+        rounds.append([tok(render_prompt(tok, rec["messages"], rec["tools"], fmt), add_special_tokens=False).input_ids
+                       for rec in chosen])
     G, new = args.group_size, args.new_tokens
+    eos = set(eos_token_ids(model, tok))
 
-    def timed(fn):
+    def useful(row: list[int]) -> list[int]:  # up to and including the first EOS
+        return next((row[:t + 1] for t, x in enumerate(row) if x in eos), row)
+
+    def sync():
         if device.type == "cuda":
             torch.cuda.synchronize()
+
+    def plain_batched(prompts, r):  # transformers' own sampling: dynamic cache, no compile, rows run to the longest
+        P = max(len(p) for p in prompts)
+        x = torch.tensor([[pad_id_of(tok)] * (P - len(p)) + p for p in prompts], device=device)
+        mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts], device=device)
+        torch.manual_seed(r)
+        out = model.generate(x, attention_mask=mask, do_sample=True, temperature=args.temperature, top_k=0,
+                             top_p=1.0, max_new_tokens=new, num_return_sequences=G, pad_token_id=pad_id_of(tok))
+        return [useful(row) for row in out[:, P:].tolist()]
+
+    def naive(prompts, r):  # one generate() per completion, for the first --naive-completions completions
+        rows = []
+        for p in [p for p in prompts for _ in range(G)][:args.naive_completions]:
+            x = torch.tensor([p], device=device)
+            torch.manual_seed(r + len(rows))
+            out = model.generate(x, attention_mask=torch.ones_like(x), do_sample=True, temperature=args.temperature,
+                                 top_k=0, top_p=1.0, max_new_tokens=new, pad_token_id=pad_id_of(tok))
+            rows.append(useful(out[0, len(p):].tolist()))
+        return rows
+
+    def sampler(**options):
+        def run(prompts, r):
+            seeds = [r * 10_000 + n for n in range(len(prompts) * G)]
+            out = sample(model, tok, prompts, group_size=G, max_new_tokens=new, temperature=args.temperature,
+                         row_seeds=seeds, return_logprobs=True, **options)
+            return out.completion_ids
+        return run
+
+    methods = {}
+    if not args.skip_naive:
+        methods["naive"] = ("naive loop (1 generate per completion)", naive)
+    methods["batched"] = ("batched generate (num_return_sequences)", plain_batched)
+    methods["sampler_trainer"] = ("sampler, trainer config (all parts)", sampler())
+    if not args.skip_ablations:
+        methods["sampler_no_prune"] = ("  without dropping finished rows", sampler(decode_chunk=new))
+        methods["sampler_no_prefix"] = ("  without the shared prefix", sampler(share_prefix=False))
+        methods["sampler_expand"] = ("  expand then prefill, nothing shared or dropped",
+                                     sampler(prefill_once=False, share_prefix=False, decode_chunk=new))
+    static = args.static == "on" or (args.static == "auto" and device.type == "cuda")
+    compile_s = None
+    if static:
+        methods["sampler_trainer_static"] = ("sampler, trainer config, static cache (+ compile on CUDA)",
+                                             sampler(static_cache=True))
         t0 = time.perf_counter()
-        out = fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return out, time.perf_counter() - t0
+        methods["sampler_trainer_static"][1](rounds[0], 0)  # first call: compiles (CUDA)
+        sync()
+        compile_s = time.perf_counter() - t0
 
-    common = dict(group_size=G, max_new_tokens=new, temperature=args.temperature, min_new_tokens=new, seed=0)
-    config = build_generation_config(model, tok, new, greedy=False, min_new_tokens=new)
-    config.temperature, config.top_k = args.temperature, 0
-    rows = []
-
-    def add(method, tokens, seconds, **extra):
-        rows.append({"method": method, "tokens": tokens, "seconds": seconds, "tok_per_s": tokens / seconds, **extra})
-        print(f"  {method}: {tokens} tokens in {seconds:.2f}s", file=sys.stderr, flush=True)
-
+    ceilings = machine_ceilings(device)
+    if args.bandwidth_gbs:
+        ceilings["copy_bytes_per_s"] = args.bandwidth_gbs * 1e9
+    totals = {key: {"tokens": 0, "seconds": 0.0, "bound_s": 0.0} for key in methods}
     with torch.no_grad():
-        if not args.skip_naive:  # one generate() per completion
-            pairs = [(i, g) for i in range(args.prompts) for g in range(G)][:args.naive_completions]
+        for r, prompts in enumerate(rounds):
+            for key, (label, fn) in methods.items():
+                if key == "naive" and r > 0:
+                    continue
+                sync()
+                t0 = time.perf_counter()
+                rows = fn(prompts, r)
+                sync()
+                seconds = time.perf_counter() - t0
+                lengths = [len(row) for row in rows]
+                prompt_tokens = sum(len(p) for p in prompts) if key != "naive" else \
+                    sum(len(p) for p in [p for p in prompts for _ in range(G)][:args.naive_completions])
+                totals[key]["tokens"] += sum(lengths)
+                totals[key]["seconds"] += seconds
+                totals[key]["bound_s"] += decode_bound_s(model, prompt_tokens, lengths, ceilings)
+                print(f"  round {r}: {label.strip()}: {sum(lengths)} tokens in {seconds:.2f}s", file=sys.stderr,
+                      flush=True)
 
-            def naive():
-                n = 0
-                for i, _ in pairs:
-                    x = torch.tensor([prompt_ids[i]], device=device)
-                    n += model.generate(x, attention_mask=torch.ones_like(x), generation_config=config).shape[1] - x.shape[1]
-                return n
-            n, dt = timed(naive)
-            add("naive loop (1 generate per completion)", n, dt)
-
-        def batched():  # plain batched generate, transformers' defaults otherwise (dynamic cache, no compile)
-            P = max(len(p) for p in prompt_ids)
-            x = torch.tensor([[pad_id_of(tok)] * (P - len(p)) + p for p in prompt_ids], device=device)
-            mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompt_ids], device=device)
-            out = model.generate(x, attention_mask=mask, do_sample=True, temperature=args.temperature, top_k=0,
-                                 max_new_tokens=new, min_new_tokens=new, num_return_sequences=G,
-                                 pad_token_id=pad_id_of(tok))
-            return out.shape[0] * (out.shape[1] - P)
-        n, dt = timed(batched)
-        add("batched generate (num_return_sequences)", n, dt)
-
-        variants = [("sampler, prefill once", dict(prefill_once=True))]
-        if not args.skip_expand:
-            variants.append(("sampler, expand then prefill", dict(prefill_once=False)))
-        # as the trainer samples: one seed per completion, log-probs of the sampled ids recorded
-        trainer = dict(row_seeds=list(range(len(prompt_ids) * G)), return_logprobs=True)
-        variants.append(("sampler, trainer config", trainer))
-        for label, kw in variants:
-            r, dt = timed(lambda: sample(model, tok, prompt_ids, **common, **kw))
-            add(label, sum(len(c) for c in r.completion_ids), dt)
-
-        if args.static == "on" or (args.static == "auto" and device.type == "cuda"):
-            _, compile_s = timed(lambda: sample(model, tok, prompt_ids, **common, **trainer, static_cache=True))
-            r, dt = timed(lambda: sample(model, tok, prompt_ids, **common, **trainer, static_cache=True))
-            add("sampler, trainer config, static cache + compile", sum(len(c) for c in r.completion_ids), dt,
-                compile_s=compile_s)
-
-    by = {r["method"]: r for r in rows}
-    base_naive = by.get("naive loop (1 generate per completion)")
-    base_batched = by["batched generate (num_return_sequences)"]
+    rows = []
+    for key, (label, _) in methods.items():
+        t = totals[key]
+        rows.append({"key": key, "method": label, "tokens": t["tokens"], "seconds": t["seconds"],
+                     "tok_per_s": t["tokens"] / t["seconds"], "bound_fraction": t["bound_s"] / t["seconds"]})
+    by = {r["key"]: r for r in rows}
     for r in rows:
-        r["x_naive"] = r["tok_per_s"] / base_naive["tok_per_s"] if base_naive else None
-        r["x_batched"] = r["tok_per_s"] / base_batched["tok_per_s"]
-
-    # decode is bound by reading the weights (+ the KV cache) once per step; only meaningful where HBM is known
-    hbm = args.bandwidth_gbs * 1e9 if args.bandwidth_gbs else None
-    if device.type == "cuda" and hbm is None:
-        name = torch.cuda.get_device_name()
-        hbm = 4.8e12 if "H200" in name else 3.35e12 if "H100" in name else None
-    if hbm:
-        cfg = model.config
-        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        mean_ctx = sum(len(p) for p in prompt_ids) / len(prompt_ids) + new / 2
-        element = next(model.parameters()).element_size()
-        kv_bytes = (2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * element * len(prompt_ids) * G
-                    * mean_ctx)
-        for r in rows:
-            batch = 1 if r["method"].startswith("naive") else len(prompt_ids) * G  # sequences per decode step
-            step_s = r["seconds"] / (r["tokens"] / batch)  # measured seconds per decode step (prefill included)
-            bound_s = (weight_bytes + kv_bytes * batch / (len(prompt_ids) * G)) / hbm if hbm else None
-            r["bw_fraction"] = bound_s / step_s if hbm else None
-
-    columns = ["method", "tokens", "seconds", "tok_per_s", "x_naive", "x_batched"]
-    if hbm:
-        columns.append("bw_fraction")
-    print(f"sampler: {model_name} on {device.type}, {len(prompt_ids)} prompts "
-          f"({min(map(len, prompt_ids))}-{max(map(len, prompt_ids))} tokens) x G={G}, {new} new tokens each, "
-          f"{torch.get_num_threads()} threads")
-    print_table(rows, columns)
-    result = {"model": model_name, "device": device.type, "prompts": len(prompt_ids), "group_size": G,
-              "new_tokens": new, "prompt_tokens": [len(p) for p in prompt_ids]}
-    short = {"naive loop (1 generate per completion)": "naive", "batched generate (num_return_sequences)": "batched",
-             "sampler, prefill once": "sampler", "sampler, expand then prefill": "sampler_expand",
-             "sampler, trainer config": "sampler_trainer",
-             "sampler, trainer config, static cache + compile": "sampler_trainer_static"}
+        r["x_naive"] = r["tok_per_s"] / by["naive"]["tok_per_s"] if "naive" in by else None
+        r["x_batched"] = r["tok_per_s"] / by["batched"]["tok_per_s"]
+    lengths = [len(p) for prompts in rounds for p in prompts]
+    print(f"sampler: {model_name} on {device.type}, {args.rounds} rounds of {args.prompts} default-data prompts "
+          f"({min(lengths)}-{max(lengths)} tokens) x G={G}, up to {new} new tokens, temperature {args.temperature}, "
+          f"{torch.get_num_threads()} threads; ceilings: {ceilings['matmul_flops'] / 1e9:.0f} GFLOP/s matmul, "
+          f"{ceilings['copy_bytes_per_s'] / 1e9:.1f} GB/s copy")
+    print_table(rows, ["method", "tokens", "seconds", "tok_per_s", "x_naive", "x_batched", "bound_fraction"])
+    result = {"model": model_name, "device": device.type, "rounds": args.rounds, "prompts": args.prompts,
+              "group_size": G, "new_tokens": new, "prompt_tokens": lengths,
+              "matmul_gflops": round(ceilings["matmul_flops"] / 1e9, 1),
+              "copy_gbs": round(ceilings["copy_bytes_per_s"] / 1e9, 2)}
     for r in rows:
-        key = short[r["method"]]
-        result[f"{key}_tok_per_s"] = round(r["tok_per_s"], 2)
-        if r.get("bw_fraction") is not None:
-            result[f"{key}_bw_fraction"] = round(r["bw_fraction"], 4)
-        if r.get("compile_s") is not None:
-            result[f"{key}_compile_s"] = round(r["compile_s"], 1)
-    best = max((r for r in rows if r["method"].startswith("sampler")), key=lambda r: r["tok_per_s"])
-    result["sampler_best_x_naive"] = round(best["x_naive"], 2) if best["x_naive"] else None
-    result["sampler_best_x_batched"] = round(best["x_batched"], 2)
+        result[f"{r['key']}_tok_per_s"] = round(r["tok_per_s"], 2)
+        result[f"{r['key']}_bound_fraction"] = round(r["bound_fraction"], 4)
+    if compile_s is not None:
+        result["sampler_trainer_static_first_call_s"] = round(compile_s, 1)
+    result["sampler_x_batched"] = round(by["sampler_trainer"]["x_batched"], 2)
+    result["sampler_x_naive"] = round(by["sampler_trainer"]["x_naive"], 2) if "naive" in by else None
     return result
 
 

@@ -235,9 +235,6 @@ def score_text(text, item: dict) -> tuple[bool, str]:
     return check_calls(calls, item["ground_truth"] or [], item["function"], item["category"])
 
 
-ROUND_TOKENS = 64  # with stop_at_answer: tokens per decoding round, between checks for a closed <answer> block
-
-
 def answer_end(text: str) -> int | None:
     """End of the first <answer>...</answer> block in text, or None (BFCL decoding reads only that block)."""
     start = text.find("<answer>")
@@ -252,39 +249,27 @@ def generate_texts(model, tokenizer, prompts: list[str], max_new_tokens: int = 2
     """Completions for rendered prompts, in prompt order, with the project's sampler.
 
     Prompts are sorted by token length and cut into batches of `batch_size` (the sampler may split a batch further
-    to stay in its token budget). Greedy by default; sampled batches use seed + a call counter.
-    stop_at_answer: decode in rounds of ROUND_TOKENS and drop a row from later rounds once prefill + its text
-    holds a closed <answer> block (the text is cut there). Rows left then continue from their prompt plus what
-    they generated so far. A batch otherwise decodes until its longest row ends, and small models often ramble on
-    after </answer>: this is what keeps a CPU evaluation within minutes. BFCL scoring reads only the first
-    <answer> block, so its verdicts are unchanged (greedy); the strict format check then sees no trailing text."""
+    to stay in its token budget). Greedy by default; sampled batches use seed + the batch's number.
+    stop_at_answer: a row stops once prefill + its text holds a closed <answer> block (checked every few tokens by
+    the sampler; the text is cut there). Small models often ramble on after </answer>: stopping the row is what
+    keeps a CPU evaluation within minutes. BFCL scoring reads only the first <answer> block, so its verdicts are
+    unchanged (greedy); the strict format check then sees no trailing text."""
     from model.sample import eos_token_ids, sample
 
     eos = set(eos_token_ids(model, tokenizer))
     prompt_ids = [tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
-    new_ids = [[] for _ in prompts]  # generated so far, per prompt
-    open_rows = list(range(len(prompts)))
-    round_tokens = ROUND_TOKENS if stop_at_answer else max_new_tokens
-    calls = 0
-    while open_rows:
-        # every open row has generated the same number of tokens (rows that stop early leave)
-        budget = min(round_tokens, max_new_tokens - len(new_ids[open_rows[0]]))
-        order = sorted(open_rows, key=lambda i: len(prompt_ids[i]) + len(new_ids[i]))
-        still_open = []
-        for start in range(0, len(order), max(1, batch_size)):
-            chunk = order[start: start + max(1, batch_size)]
-            out = sample(model, tokenizer, [prompt_ids[i] + new_ids[i] for i in chunk], group_size=1,
-                         max_new_tokens=budget, temperature=temperature, seed=seed + calls, greedy=greedy)
-            calls += 1
-            for i, ids, truncated in zip(chunk, out.completion_ids, out.truncated):
-                new_ids[i] += ids
-                done = not truncated or len(new_ids[i]) >= max_new_tokens or (
-                    stop_at_answer and answer_end(prefill + tokenizer.decode(new_ids[i], skip_special_tokens=False)) is not None)
-                if done and bar is not None:
-                    bar.update(1)
-                if not done:
-                    still_open.append(i)
-        open_rows = still_open
+    stop = (lambda ids: answer_end(prefill + tokenizer.decode(ids, skip_special_tokens=False)) is not None) \
+        if stop_at_answer else None
+    order = sorted(range(len(prompts)), key=lambda i: len(prompt_ids[i]))
+    new_ids: list[list[int]] = [[] for _ in prompts]
+    for number, start in enumerate(range(0, len(order), max(1, batch_size))):
+        chunk = order[start: start + max(1, batch_size)]
+        out = sample(model, tokenizer, [prompt_ids[i] for i in chunk], group_size=1, max_new_tokens=max_new_tokens,
+                     temperature=temperature, seed=seed + number, greedy=greedy, stop=stop)
+        for i, ids in zip(chunk, out.completion_ids):
+            new_ids[i] = ids
+        if bar is not None:
+            bar.update(len(chunk))
     texts = []
     for ids in new_ids:
         text = tokenizer.decode(ids[:-1] if ids and ids[-1] in eos else ids, skip_special_tokens=False)

@@ -61,14 +61,14 @@ class Sizes:
     step_group: int
     step_new_tokens: int
     micro_batch_tokens: int  # stage 5's second update: micro-batches of this many tokens
-    sampler_prompts: int
+    sampler_prompts: int  # stage 6: prompts x sampler_group completions (128 rows on the H200)
     sampler_group: int
     sampler_new_tokens: int
     train_new_tokens: int  # stage 8
 
 
 H200_SIZES = Sizes("qwen2.5-0.5b", "qwen2.5-7b", (2, 4), 28, 2048, 8192, 4096, "qwen2.5-0.5b,qwen2.5-7b", 3,
-                   (4, 4, 300, 200), 8, 8, 256, 2048, 4, 8, 256, 64)
+                   (4, 4, 300, 200), 8, 8, 256, 2048, 16, 8, 256, 64)
 TINY_SIZES = Sizes("tiny", "tiny-untied", (1, 2), 4, 32, 512, 32, "tiny", 1, (2, 3, 24, 8), 1, 2, 4, 24, 1, 2,
                    4, 8)
 
@@ -557,23 +557,32 @@ def stage_grpo_step(ctx: Context) -> dict:
 
 
 def stage_sampler(ctx: Context) -> dict:
-    """eval.bench sampler on a random 0.5B model with the tokenizer stub: the trainer's configuration (a seed per
-    completion, log-probs) vs plain batched generate, static cache + compile (its compile seconds are the first
-    call's; on CPU transformers runs the static cache without compiling), as tokens/s and as a fraction of the
-    decode bandwidth bound at stage 0's GB/s."""
+    """eval.bench sampler on random 0.5B- and 7B-shaped models with the tokenizer stub, on the default data's
+    prompts: the trainer's configuration (a seed per completion, log-probs) vs plain batched generate, and the
+    static cache + compile (its first call's seconds include compiling; on CPU transformers runs the static cache
+    without compiling), as tokens/s and as a fraction of the bound at stage 0's GB/s."""
     from eval.bench import bench_sampler
 
     sizes = ctx.sizes
-    argv = ["--device", str(ctx.device), "--random", "--shape", sizes.small_shape, "--prompts",
-            str(sizes.sampler_prompts), "--group-size", str(sizes.sampler_group), "--new-tokens",
-            str(sizes.sampler_new_tokens), "--skip-naive", "--skip-expand", "--static", "on"]
-    if ctx.ceilings.get("copy_gbs"):
-        argv += ["--bandwidth-gbs", str(ctx.ceilings["copy_gbs"])]
-    result = bench_sampler(argv)
-    ctx.check(result.get("sampler_trainer_tok_per_s", 0) > 0, "the trainer-configured sampler produced nothing")
-    ctx.check("sampler_trainer_static_tok_per_s" in result, "the static-cache sampler did not run")
-    keys = [k for k in result if k.endswith("tok_per_s")]
-    result["summary"] = ", ".join(f"{k.removesuffix('_tok_per_s')} {result[k]:.4g} tok/s" for k in keys)
+    result = {}
+    for name, shape in (("small", sizes.small_shape), ("big", sizes.big_shape)):
+        argv = ["--device", str(ctx.device), "--random", "--shape", shape, "--prompts", str(sizes.sampler_prompts),
+                "--group-size", str(sizes.sampler_group), "--new-tokens", str(sizes.sampler_new_tokens),
+                "--rounds", "1", "--skip-naive", "--skip-ablations", "--static", "on" if name == "small" else "off"]
+        if ctx.ceilings.get("copy_gbs"):
+            argv += ["--bandwidth-gbs", str(ctx.ceilings["copy_gbs"])]
+        figures = bench_sampler(argv)
+        ctx.check(figures.get("sampler_trainer_tok_per_s", 0) > 0, f"{shape}: the sampler produced nothing")
+        result[name] = {k: v for k, v in figures.items() if k != "prompt_tokens"}
+        if ctx.device.type == "cuda":
+            torch.cuda.empty_cache()
+    ctx.check("sampler_trainer_static_tok_per_s" in result["small"], "the static-cache sampler did not run")
+    result["sampler_trainer_tok_per_s"] = result["small"]["sampler_trainer_tok_per_s"]
+    result["sampler_trainer_static_tok_per_s"] = result["small"]["sampler_trainer_static_tok_per_s"]
+    result["summary"] = "; ".join(
+        f"{shape}: " + ", ".join(f"{k.removesuffix('_tok_per_s')} {result[n][k]:.4g} tok/s"
+                                 for k in result[n] if k.endswith("tok_per_s"))
+        for n, shape in (("small", sizes.small_shape), ("big", sizes.big_shape)))
     return result
 
 
@@ -728,7 +737,7 @@ STAGES = [
     Stage("kernel-bench", 40, 10, stage_kernel_bench),
     Stage("scoring", 20, 3, stage_scoring),
     Stage("grpo-step", 75, 8, stage_grpo_step),
-    Stage("sampler", 90, 5, stage_sampler),
+    Stage("sampler", 120, 5, stage_sampler),
     Stage("fsdp", 20, 5, stage_fsdp),
     Stage("train-e2e", 40, 25, stage_train_e2e),
 ]

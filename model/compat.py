@@ -31,6 +31,14 @@ def returned_cache(model, output):
     return getattr(output, _cache_keyword(type(model)))
 
 
+def fork_cache(cache, config):
+    """A new DynamicCache starting from `cache`'s keys and values: appending to it leaves `cache` as it was (the
+    appends concatenate into new tensors), so several continuations can share one prefix, gradients included."""
+    from transformers import DynamicCache
+
+    return DynamicCache(ddp_cache_data=[(k, v) for k, v, *_ in cache], config=config)
+
+
 def enable_activation_checkpointing(model) -> None:
     """Recompute each decoder layer's activations in backward (less memory, about 30% more compute)."""
     enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable

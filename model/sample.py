@@ -12,12 +12,17 @@ What this module guarantees, and why each point matters:
   * The response mask is computed from the first EOS in the sampled ids, never from pad ids (pad == eos for
     SmolLM2 and for the byte tokenizer of the tests).
   * A group's prompt is encoded once: the prompt batch is run through the model once, and the KV cache is
-    repeated G times before decoding (`prefill_once=True`). The alternative (expand the prompts G times, then
-    prefill, as `num_return_sequences` does) is kept behind the flag, and is what the static-cache path uses.
+    repeated G times before decoding (`prefill_once=True`); a prefix that all prompts of a batch share (the system
+    prompt's instructions) is encoded once for the whole batch, with the padding placed after it
+    (`share_prefix=True`).
+  * Rows that are done cost nothing more: generate() runs in rounds of DECODE_CHUNK tokens, and after each round
+    the rows that reached EOS (or the caller's `stop` condition, e.g. a closed </answer> in evaluation) leave the
+    batch and the KV cache.
+  * Sampling is exact inverse-CDF sampling with counter-based uniforms: completion n's draw at decode step t is a
+    function of (row seed n, t) alone, computed for all rows in one op sequence. Same seeds -> same rollouts,
+    whatever the batching, the prompt order, the number of ranks, or a resume; the caller's RNG is never touched.
+    Under torchrun, the trainer passes seeds derived from the global prompt index (rl/rollout.py).
   * Prompts are micro-batched so that (prompts * G) * (prompt_len + max_new_tokens) stays within a token budget.
-  * Sampling is seeded per call under a forked RNG (the caller's RNG stream is left untouched): same seed, same
-    inputs -> same rollouts on CPU. Under torchrun, pass `rank_seed(seed, step, rank)` and a `shard_indices`
-    shard of the prompts.
 
     from model.sample import sample
     rollouts = sample(model, tokenizer, prompt_ids, group_size=8, max_new_tokens=256, temperature=0.7)
@@ -28,6 +33,7 @@ import contextlib
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from tqdm import tqdm
 from transformers import LogitsProcessor
@@ -120,6 +126,29 @@ def shard_indices(n: int, rank: int, world_size: int) -> list[int]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Counter-based random numbers: one uniform per (row seed, decode step), computed for all rows at once
+
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _mix64(z: np.ndarray) -> np.ndarray:
+    """SplitMix64's finaliser on uint64 arrays (numpy wraps uint64 arithmetic modulo 2**64)."""
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def counter_uniforms(row_seeds: np.ndarray, step: int) -> torch.Tensor:
+    """[B] float64 uniforms in (0, 1): a pure function of (row seed, step), so a completion's draws do not depend on
+    the other rows of its batch, on the batch's order or on the number of ranks. Row seed s gives the stream
+    SplitMix64(s), whose step-th output is used at decode step `step` (53 bits)."""
+    with np.errstate(over="ignore"):
+        z = _mix64(row_seeds.astype(np.uint64) + np.uint64(step + 1) * _GOLDEN)
+    return torch.from_numpy(((z >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0 ** -53)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Logits processors (applied in this order, after none of transformers' own: see `_processors`)
 
 
@@ -135,65 +164,46 @@ class RealVocabMask(LogitsProcessor):
         return scores
 
 
-class ChosenTokenLogp(LogitsProcessor):
-    """Records log p(chosen token) under the final (post-warper) distribution, without keeping every step's
-    [B, V] scores: at step t it keeps step t's scores and log-normaliser, and gathers them at the token that
-    appears at the end of `input_ids` on step t+1 (or, for the last step, in the returned sequences)."""
+class RowChoice(LogitsProcessor):
+    """Chooses every row's next token from the final (post-warper) scores and hands generate() a one-hot
+    distribution, so that its greedy pick is that token.
 
-    def __init__(self):
-        self.pending = None  # (scores [B, V], logsumexp [B]) of the step whose token is not known yet
-        self.steps: list[torch.Tensor] = []  # per step: [B] fp32
+    Sampling is by inverse CDF with one counter-based uniform per row and step (`counter_uniforms`): exact sampling
+    from softmax(scores), with one op sequence for all rows. greedy: argmax. record: keeps log p(chosen) under the
+    final distribution, per step ([B] fp32 each)."""
 
-    def __call__(self, input_ids, scores):
-        if self.pending is not None:
-            self._resolve(input_ids[:, -1])
-        self.pending = (scores, torch.logsumexp(scores, dim=-1))
-        return scores
+    def __init__(self, row_seeds: np.ndarray, first_step: int, greedy: bool, record: bool):
+        self.row_seeds, self.step, self.greedy = row_seeds, first_step, greedy
+        self.logp: list[torch.Tensor] | None = [] if record else None
 
-    def _resolve(self, chosen):  # chosen [B]
-        scores, lse = self.pending
-        self.steps.append(scores.gather(1, chosen[:, None].to(scores.device)).squeeze(1) - lse)
-        self.pending = None
-
-    def finish(self, new_tokens: torch.Tensor) -> torch.Tensor:
-        """new_tokens [B, T] generated ids -> [B, T] fp32 log-probs."""
-        T = new_tokens.shape[1]
-        if self.pending is not None and len(self.steps) < T:
-            self._resolve(new_tokens[:, len(self.steps)])
-        self.pending = None
-        if T == 0:
-            return torch.zeros(new_tokens.shape, dtype=torch.float32)
-        return torch.stack(self.steps[:T], dim=1).float()
-
-
-class RowSeededChoice(LogitsProcessor):
-    """Draws each row's next token with that row's own generator (Gumbel-max on the final scores, which is exact
-    sampling from softmax(scores)) and hands generate() a one-hot distribution, so its own multinomial can only
-    pick that token. A completion's randomness then depends on its seed alone, not on which other rows share
-    its batch: rollouts are the same whatever the micro-batching, the prompt order or the number of ranks."""
-
-    def __init__(self, row_seeds: list[int], device):
-        self.generators = [torch.Generator(device=device).manual_seed(int(s)) for s in row_seeds]
-
-    def __call__(self, input_ids, scores):  # scores [B, V] final (post-warper); a new tensor: the recorder keeps them
-        gumbel = torch.stack([-torch.empty(scores.shape[1], device=scores.device).exponential_(generator=g).log()
-                              for g in self.generators])  # [B, V]
-        choice = (scores.float() + gumbel).argmax(dim=-1)
+    def __call__(self, input_ids, scores):  # scores [B, V]
+        scores = scores.float()
+        if self.greedy:
+            choice = scores.argmax(dim=-1)  # [B]
+        else:
+            u = counter_uniforms(self.row_seeds, self.step).to(scores.device)  # [B]
+            probs = torch.softmax(scores, dim=-1, dtype=torch.float64)  # [B, V]; 0 where masked (-inf)
+            cdf = probs.cumsum_(dim=-1)
+            # the first id whose cumulative probability exceeds u * total: an id of zero probability never is
+            choice = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1), right=True).squeeze(1)
+            choice = choice.clamp_(max=scores.shape[1] - 1)
+        if self.logp is not None:
+            self.logp.append(scores.gather(1, choice[:, None]).squeeze(1) - torch.logsumexp(scores, dim=-1))
+        self.step += 1
         out = torch.full_like(scores, -math.inf)
-        out.scatter_(1, choice[:, None], 0.0)
-        return out
+        return out.scatter_(1, choice[:, None], 0.0)
 
 
-def _processors(vocab_size: int, temperature: float, top_k: int, top_p: float, greedy: bool, record: bool):
-    """Our own processor list, in a fixed order: vocab mask, temperature, top-k, top-p, then the recorder.
+def _processors(vocab_size: int, temperature: float, top_k: int, top_p: float, chooser: RowChoice | None):
+    """Our own processor list, in a fixed order: vocab mask, temperature, top-k, top-p, then the chooser.
 
-    The generation config carries temperature=1, top_k=0, top_p=1 so transformers adds no warpers of its own:
-    its custom processors run *before* its warpers, which would put the vocab mask after top-p (top-p would then
-    spend probability mass on ids that are never sampled) and leave no way to record the final distribution."""
+    generate() runs in greedy mode with no processors or warpers of its own (see build_generation_config): all
+    that shapes the distribution is here, in this order, and the chooser sees the final distribution."""
     from transformers import (LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper,
                               TopPLogitsWarper)
 
     procs = LogitsProcessorList([RealVocabMask(vocab_size)])
+    greedy = chooser is None or chooser.greedy
     if temperature != 1.0:
         procs.append(TemperatureLogitsWarper(temperature))
     if not greedy:  # argmax ignores truncation, and greedy log-probs are reported under the full distribution
@@ -201,23 +211,20 @@ def _processors(vocab_size: int, temperature: float, top_k: int, top_p: float, g
             procs.append(TopKLogitsWarper(top_k=top_k))
         if top_p is not None and top_p < 1.0:
             procs.append(TopPLogitsWarper(top_p=top_p))
-    recorder = ChosenTokenLogp() if record else None
-    if recorder is not None:
-        procs.append(recorder)
-    return procs, recorder
+    if chooser is not None:
+        procs.append(chooser)
+    return procs
 
 
-def build_generation_config(model, tokenizer, max_new_tokens: int, greedy: bool = False, min_new_tokens: int = 0,
-                            static_cache: bool = False):
-    """A GenerationConfig with every field that changes the distribution set explicitly (see module docstring)."""
+def build_generation_config(model, tokenizer, max_new_tokens: int, static_cache: bool = False,
+                            compile_decode: bool = True):
+    """A greedy GenerationConfig with every field that changes the distribution set explicitly (see the module
+    docstring): the tokens are chosen by our processors (`RowChoice`), generate() only takes their argmax."""
     from transformers import GenerationConfig
 
     cfg = GenerationConfig(
-        do_sample=not greedy, num_beams=1, num_return_sequences=1, max_new_tokens=max_new_tokens,
-        min_new_tokens=min_new_tokens or None,
-        # our processors do temperature/top-k/top-p; these values make transformers add none of its own
-        # (greedy adds no warpers at all, and transformers rejects a sampling-only top_k=0 there: leave it unset)
-        temperature=1.0, top_k=None if greedy else 0, top_p=1.0, min_p=None, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0,
+        do_sample=False, num_beams=1, num_return_sequences=1, max_new_tokens=max_new_tokens,
+        temperature=1.0, top_k=None, top_p=1.0, min_p=None, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0,
         repetition_penalty=1.0, encoder_repetition_penalty=1.0, no_repeat_ngram_size=0, length_penalty=1.0,
         bad_words_ids=None, suppress_tokens=None, begin_suppress_tokens=None, forced_bos_token_id=None,
         forced_eos_token_id=None, renormalize_logits=False, remove_invalid_values=False,
@@ -227,7 +234,11 @@ def build_generation_config(model, tokenizer, max_new_tokens: int, greedy: bool 
     if static_cache:
         from transformers import CompileConfig
         cfg.cache_implementation = "static"
-        cfg.compile_config = CompileConfig(fullgraph=False, dynamic=False)  # transformers compiles decode on CUDA
+        if compile_decode:
+            cfg.compile_config = CompileConfig(fullgraph=False, dynamic=False)
+            cfg.compile_config._compile_all_devices = True  # transformers would compile on CUDA only
+        else:
+            cfg.disable_compile = True
     return cfg
 
 
@@ -243,7 +254,7 @@ def _clean_model_generation_config(model, gen_config):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Batching
+# Batching and prompt layout
 
 
 def micro_batches(prompt_lengths: list[int], group_size: int, max_new_tokens: int, token_budget: int,
@@ -270,16 +281,32 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def left_pad(prompts: list[list[int]], pad_id: int, length_multiple: int = 1, device=None):
-    """-> input_ids [B, P], attention_mask [B, P] (left padding: the last prompt token of every row is at P-1)."""
-    P = _round_up(max(len(p) for p in prompts), length_multiple)
+def shared_prefix_length(prompts: list[list[int]]) -> int:
+    """Tokens that every prompt starts with, leaving each prompt at least one token of its own (generate() feeds
+    each row's last prompt token itself)."""
+    shortest = min(len(p) for p in prompts)
+    n = 0
+    while n < shortest - 1 and all(p[n] == prompts[0][n] for p in prompts):
+        n += 1
+    return n
+
+
+def left_pad(prompts: list[list[int]], pad_id: int, length_multiple: int = 1, device=None, prefix_len: int = 0):
+    """-> input_ids [B, P], attention_mask [B, P], the last prompt token of every row at P-1.
+
+    prefix_len > 0 (a prefix all prompts share): the prefix stays at positions 0..prefix_len-1 of every row and the
+    padding goes between it and the rest, so the prefix is the same tensor on every row (encoded once)."""
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("a prompt is empty: every prompt needs at least one token")
+    P = prefix_len + _round_up(max(len(p) for p in prompts) - prefix_len, length_multiple)
     ids = torch.full((len(prompts), P), pad_id, dtype=torch.long)
     mask = torch.zeros((len(prompts), P), dtype=torch.long)
     for row, p in enumerate(prompts):
-        if len(p) == 0:
-            raise ValueError(f"prompt {row} is empty: every prompt needs at least one token")
-        ids[row, P - len(p):] = torch.tensor(p, dtype=torch.long)
-        mask[row, P - len(p):] = 1
+        ids[row, :prefix_len] = torch.tensor(p[:prefix_len], dtype=torch.long)
+        mask[row, :prefix_len] = 1
+        rest = p[prefix_len:]
+        ids[row, P - len(rest):] = torch.tensor(rest, dtype=torch.long)
+        mask[row, P - len(rest):] = 1
     return ids.to(device), mask.to(device)
 
 
@@ -288,137 +315,203 @@ def _positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Prefill and decoding
+
+
 @torch.no_grad()
-def _prefill_prompts_once(model, input_ids, attention_mask, group_size: int):
-    """Run all but the last prompt token through the model once, then repeat the cache G times.
+def _prefill(model, input_ids, attention_mask, group_size: int, prefix_len: int):
+    """Run all but the last prompt token through the model, once per prompt (not per completion), and the shared
+    prefix once for the whole batch; then repeat the cache G times. -> a DynamicCache holding P-1 tokens per row.
 
     generate() is then given the full expanded input_ids and mask: it sees a cache holding P-1 tokens and feeds
     only the last prompt token, whose logits give the first sampled token."""
     from transformers import DynamicCache
 
     cache = DynamicCache(config=model.config)
-    model(input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1],
-          position_ids=_positions(attention_mask[:, :-1]), use_cache=True, logits_to_keep=1,
-          **cache_kwargs(model, cache))
-    cache.batch_repeat_interleave(group_size)  # [B, h, P-1, d] -> [B*G, h, P-1, d], rows grouped per prompt
+    P = input_ids.shape[1]
+    if prefix_len > 0:  # one row; every row of the batch shares it
+        model(input_ids=input_ids[:1, :prefix_len], attention_mask=attention_mask[:1, :prefix_len],
+              position_ids=_positions(attention_mask[:1, :prefix_len]), use_cache=True, logits_to_keep=1,
+              **cache_kwargs(model, cache))
+        cache.batch_repeat_interleave(input_ids.shape[0])
+    if P - 1 > prefix_len:
+        mask = attention_mask[:, :P - 1]
+        model(input_ids=input_ids[:, prefix_len:P - 1], attention_mask=mask,
+              position_ids=_positions(mask)[:, prefix_len:], use_cache=True, logits_to_keep=1,
+              **cache_kwargs(model, cache))
+    if group_size > 1:
+        cache.batch_repeat_interleave(group_size)  # [B, h, P-1, d] -> [B*G, h, P-1, d], rows grouped per prompt
     return cache
 
 
+@dataclass
+class _Decoding:
+    """What decoding needs besides the model and the prompts."""
+    gen_config: object  # GenerationConfig
+    vocab: int
+    temperature: float
+    top_k: int
+    top_p: float
+    greedy: bool
+    record: bool
+    eos: set
+    max_new_tokens: int
+    chunk: int  # tokens per generate() call between checks for finished rows (max_new_tokens: no checks)
+    stop: object  # None, or a function (generated ids of a row) -> True when the row is done
+
+
 @torch.no_grad()
-def _generate_batch(model, prompts, group_size, gen_config, procs, recorder, pad_id, prefill_once, length_multiple):
-    """-> new_tokens [B*G, T] (rows grouped per prompt), logp [B*G, T] or None."""
-    device = model.device
-    input_ids, attention_mask = left_pad(prompts, pad_id, length_multiple, device)  # [B, P]
-    P = input_ids.shape[1]
-    kwargs = {}
-    if prefill_once and group_size > 1 and P > 1:
-        kwargs = cache_kwargs(model, _prefill_prompts_once(model, input_ids, attention_mask, group_size))
-    input_ids = input_ids.repeat_interleave(group_size, dim=0)  # [B*G, P]
-    attention_mask = attention_mask.repeat_interleave(group_size, dim=0)
-    if recorder is not None:
-        recorder.pending, recorder.steps = None, []
-    # synced_gpus=False: transformers would otherwise turn it on for an FSDP-managed model and all-reduce a flag
-    # every decoding step; the trainer gathers full parameters around generation instead (rl.dist.full_params),
-    # so each rank decodes alone, however many calls and steps its share takes
-    sequences = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=gen_config,
-                               logits_processor=procs, synced_gpus=False, **kwargs)  # [B*G, P + T]
-    new_tokens = sequences[:, P:]
-    logp = recorder.finish(new_tokens) if recorder is not None else None
-    return new_tokens.cpu(), (logp.cpu() if logp is not None else None)
+def _decode(model, input_ids, attention_mask, cache, row_seeds: np.ndarray, how: _Decoding):
+    """Decode every row until it is done (EOS, max_new_tokens, or `how.stop`), in rounds of `how.chunk` tokens:
+    after each round, rows that are done leave the batch (their cache rows too), so they cost nothing more.
+    -> per row: the new ids (nothing after the first EOS) and their log-probs (or None)."""
+    n = input_ids.shape[0]
+    tokens: list[list[int]] = [[] for _ in range(n)]
+    logps: list[list[torch.Tensor]] = [[] for _ in range(n)]
+    live = list(range(n))  # rows still decoding; row j of the current batch is row live[j]
+    done_steps = 0
+    while live:
+        how.gen_config.max_new_tokens = min(how.chunk, how.max_new_tokens - done_steps)
+        chooser = RowChoice(row_seeds[live], done_steps, how.greedy, how.record) \
+            if (how.record or not how.greedy) else None
+        procs = _processors(how.vocab, how.temperature, how.top_k, how.top_p, chooser)
+        kwargs = cache_kwargs(model, cache) if cache is not None else {}
+        # synced_gpus=False: transformers would otherwise turn it on for an FSDP-managed model and all-reduce a flag
+        # every decoding step; the trainer gathers full parameters around generation instead (rl.dist.full_params),
+        # so each rank decodes alone, however many calls and steps its share takes
+        sequences = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=how.gen_config,
+                                   logits_processor=procs, synced_gpus=False, **kwargs)  # [n_live, P + k]
+        new = sequences[:, input_ids.shape[1]:]
+        k = new.shape[1]
+        logp = torch.stack(chooser.logp[:k], dim=1).cpu() if how.record and k else None  # [n_live, k]
+        done_steps += k
+        keep = []
+        for j, (row, ids) in enumerate(zip(live, new.cpu().tolist())):
+            ids, ended = _cut_at_eos(ids, how.eos)
+            tokens[row] += ids
+            if logp is not None:
+                logps[row].append(logp[j, :len(ids)])
+            if not ended and done_steps < how.max_new_tokens and not (how.stop and how.stop(tokens[row])):
+                keep.append(j)
+        if not keep or cache is None:
+            break
+        if len(keep) < len(live):
+            index = torch.tensor(keep, device=sequences.device)
+            cache.batch_select_indices(index)
+            sequences, attention_mask = sequences[index], attention_mask[index]
+        live = [live[j] for j in keep]
+        input_ids = sequences  # the cache holds all of it but the last token, which the next call feeds
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(live), k))], dim=1)
+    return tokens, [torch.cat(lp) if lp else torch.zeros(0) for lp in logps] if how.record else None
 
 
 def _cut_at_eos(tokens: list[int], eos: set[int]) -> tuple[list[int], bool]:
-    """Sampled ids up to and including the first EOS; truncated=True when there is none."""
+    """Sampled ids up to and including the first EOS, and whether there was one."""
     for t, tok in enumerate(tokens):
         if tok in eos:
-            return tokens[:t + 1], False
-    return tokens, True
+            return tokens[:t + 1], True
+    return tokens, False
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # The sampler
 
+DECODE_CHUNK = 16  # tokens per generate() call; rows that finished within a call leave the batch after it
+MIN_SHARED_PREFIX = 16  # encode a prefix shared by a batch's prompts once when it is at least this long
+
 
 def sample(model, tokenizer, prompt_ids: list[list[int]], group_size: int = 8, max_new_tokens: int = 256,
            temperature: float = 0.7, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
            token_budget: int = DEFAULT_TOKEN_BUDGET, return_logprobs: bool = False, greedy: bool = False,
-           prefill_once: bool = True, static_cache: bool = False, min_new_tokens: int = 0,
-           progress: bool = False, row_seeds: list[int] | None = None) -> Rollouts:
+           prefill_once: bool = True, share_prefix: bool = True, static_cache: bool = False,
+           compile_decode: bool = True, progress: bool = False, row_seeds: list[int] | None = None, stop=None,
+           decode_chunk: int = DECODE_CHUNK) -> Rollouts:
     """Sample `group_size` completions for each prompt (token ids, chat template already applied).
 
     greedy=True is for evaluation: one completion per prompt (group_size is ignored), argmax decoding.
     return_logprobs: also return the log-probs of the sampled ids under the distribution they were drawn from
         (temperature applied, real vocabulary only, top-k/top-p truncation if enabled).
-    static_cache: static KV cache with torch.compile of the decode step (useful on CUDA only; the first calls
-        compile). It expands the prompts before prefill, so prefill_once does not apply there.
-    min_new_tokens: forbids EOS before that many tokens (benchmarks only: it changes the distribution).
-    row_seeds: one seed per completion (len(prompt_ids) * group_size, grouped per prompt): each completion is
-        drawn with its own generator, so it does not depend on batching or sharding (the trainer derives them
-        from the global prompt index, which makes 1 and N ranks sample the same rollouts). `seed` is then unused.
+    prefill_once: encode each prompt once for its G completions (else: expand the prompts G times, then prefill).
+    share_prefix: encode the prefix that all prompts of a batch share (the system prompt) once per batch.
+    static_cache: static KV cache, prompt lengths padded to a multiple of 64 (fewer distinct shapes). It expands the
+        prompts before prefill and decodes every row to the end. compile_decode: torch.compile the decode step
+        (on any device; one compile per distinct batch size x cache length, on the first call of each).
+    row_seeds: one seed per completion (len(prompt_ids) * group_size, grouped per prompt): each completion's draws
+        are a function of its seed alone, so it does not depend on batching or sharding (the trainer derives them
+        from the global prompt index, which makes 1 and N ranks sample the same rollouts). Without them completion
+        n gets rank_seed(seed, 0, n).
+    stop: a function (the ids a row generated so far) -> bool, checked every `decode_chunk` tokens; a row for which
+        it is True stops there (its completion keeps what it generated, and counts as truncated unless it has EOS).
     """
     if not prompt_ids:
         raise ValueError("sample() got no prompts")
     if greedy:
         group_size = 1
-    if group_size < 1 or max_new_tokens < 1:
-        raise ValueError(f"group_size ({group_size}) and max_new_tokens ({max_new_tokens}) must be >= 1")
+    if group_size < 1 or max_new_tokens < 1 or decode_chunk < 1:
+        raise ValueError(f"group_size ({group_size}), max_new_tokens ({max_new_tokens}) and decode_chunk "
+                         f"({decode_chunk}) must be >= 1")
     if row_seeds is not None and len(row_seeds) != len(prompt_ids) * group_size:
         raise ValueError(f"row_seeds needs one seed per completion ({len(prompt_ids) * group_size}), "
                          f"got {len(row_seeds)}")
     if not greedy and temperature <= 0:
         raise ValueError(f"temperature must be > 0 for sampling (got {temperature}); use greedy=True for argmax")
     temperature = temperature if temperature > 0 else 1.0
+    if row_seeds is None:
+        row_seeds = [rank_seed(seed, 0, n) for n in range(len(prompt_ids) * group_size)]
+    seeds = np.array(row_seeds, dtype=np.uint64)
 
-    vocab = real_vocab_size(tokenizer, model)
     eos = set(eos_token_ids(model, tokenizer))
+    how = _Decoding(gen_config=build_generation_config(model, tokenizer, max_new_tokens, static_cache, compile_decode),
+                    vocab=real_vocab_size(tokenizer, model), temperature=temperature, top_k=top_k, top_p=top_p,
+                    greedy=greedy, record=return_logprobs, eos=eos, max_new_tokens=max_new_tokens,
+                    chunk=max_new_tokens if static_cache else decode_chunk, stop=stop)
     pad_id = pad_id_of(tokenizer)
-    gen_config = build_generation_config(model, tokenizer, max_new_tokens, greedy, min_new_tokens, static_cache)
     length_multiple = STATIC_CACHE_LENGTH_MULTIPLE if static_cache else 1
-    lengths = [len(p) for p in prompt_ids]
-    batches = micro_batches(lengths, group_size, max_new_tokens, token_budget, length_multiple)
+    batches = micro_batches([len(p) for p in prompt_ids], group_size, max_new_tokens, token_budget, length_multiple)
 
-    # per prompt: G lists of new tokens (and log-probs), filled batch by batch, read back in prompt order
-    tokens_of: dict[int, list[list[int]]] = {}
-    logp_of: dict[int, list[torch.Tensor]] = {}
+    tokens_of: dict[int, list[int]] = {}  # completion index (prompt * G + g) -> new ids
+    logp_of: dict[int, torch.Tensor] = {}
     was_training = model.training
     model.eval()
-    devices = [model.device] if model.device.type == "cuda" else []
     try:
-        with torch.random.fork_rng(devices=devices), _clean_model_generation_config(model, gen_config):
-            torch.manual_seed(seed)
+        with _clean_model_generation_config(model, how.gen_config):
             for batch in tqdm(batches, desc="sampling", disable=not progress, leave=False):
-                procs, recorder = _processors(vocab, temperature, top_k, top_p, greedy, return_logprobs)
-                if row_seeds is not None and not greedy:
-                    procs.append(RowSeededChoice([row_seeds[i * group_size + g] for i in batch
-                                                  for g in range(group_size)], model.device))
-                new_tokens, logp = _generate_batch(model, [prompt_ids[i] for i in batch], group_size, gen_config,
-                                                   procs, recorder, pad_id, prefill_once and not static_cache,
-                                                   length_multiple)
-                for row, i in enumerate(batch):
-                    rows = range(row * group_size, (row + 1) * group_size)
-                    tokens_of[i] = [new_tokens[r].tolist() for r in rows]
-                    if logp is not None:
-                        logp_of[i] = [logp[r] for r in rows]
+                prompts = [prompt_ids[i] for i in batch]
+                rows = [i * group_size + g for i in batch for g in range(group_size)]  # completion indices
+                dynamic = not static_cache
+                prefix_len = shared_prefix_length(prompts) if dynamic and share_prefix and len(batch) > 1 else 0
+                prefix_len = prefix_len if prefix_len >= MIN_SHARED_PREFIX else 0
+                input_ids, attention_mask = left_pad(prompts, pad_id, length_multiple, model.device, prefix_len)
+                if dynamic and prefill_once:
+                    cache = _prefill(model, input_ids, attention_mask, group_size, prefix_len)
+                elif dynamic:
+                    from transformers import DynamicCache
+                    cache = DynamicCache(config=model.config)
+                else:
+                    cache = None  # generate() builds the static cache
+                input_ids = input_ids.repeat_interleave(group_size, dim=0)  # [B*G, P]
+                attention_mask = attention_mask.repeat_interleave(group_size, dim=0)
+                new_ids, logps = _decode(model, input_ids, attention_mask, cache, seeds[rows], how)
+                for r, n in enumerate(rows):
+                    tokens_of[n] = new_ids[r]
+                    if logps is not None:
+                        logp_of[n] = logps[r]
     finally:
         model.train(was_training)
 
-    prompt_index, completion_ids, truncated, sampler_logp = [], [], [], []
-    for i in range(len(prompt_ids)):
-        for g in range(group_size):
-            ids, cut = _cut_at_eos(tokens_of[i][g], eos)
-            prompt_index.append(i)
-            completion_ids.append(ids)
-            truncated.append(cut)
-            if return_logprobs:
-                sampler_logp.append(logp_of[i][g][:len(ids)].clone())
-    T = max(len(c) for c in completion_ids)
-    response_mask = torch.zeros((len(completion_ids), T), dtype=torch.long)  # [N, T]
+    N = len(prompt_ids) * group_size
+    completion_ids = [tokens_of[n] for n in range(N)]
+    truncated = [not ids or ids[-1] not in eos for ids in completion_ids]
+    T = max(1, max(len(c) for c in completion_ids))
+    response_mask = torch.zeros((N, T), dtype=torch.long)  # [N, T]
     for n, ids in enumerate(completion_ids):
         response_mask[n, :len(ids)] = 1
     texts = tokenizer.batch_decode([ids[:-1] if ids and ids[-1] in eos else ids for ids in completion_ids],
                                    skip_special_tokens=False)
-    return Rollouts(prompt_index=prompt_index, completion_ids=completion_ids, response_mask=response_mask,
-                    truncated=truncated, sampler_logp=sampler_logp if return_logprobs else None, texts=texts,
+    return Rollouts(prompt_index=[n // group_size for n in range(N)], completion_ids=completion_ids,
+                    response_mask=response_mask, truncated=truncated,
+                    sampler_logp=[logp_of[n] for n in range(N)] if return_logprobs else None, texts=texts,
                     group_size=group_size)
 
 

@@ -32,7 +32,8 @@ def supervised_warmup(train_scorer, policy, tokenizer, records: list[dict], cfg,
         prompts = [prompt_ids(tokenizer, r, cfg.prompt_format) for r in batch]
         targets = [tokenizer(target_text(r, cfg.prompt_format), add_special_tokens=False).input_ids
                    + [tokenizer.eos_token_id] for r in batch]
-        logp, _, _ = train_scorer(prompts, targets)
+        # grouped: the prefix the prompts share (the system prompt) runs through the model once for the batch
+        logp, _, _ = train_scorer(prompts, targets, grouped=True)
         n_tokens = d.all_reduce(torch.tensor(float(logp.numel()))).item()
         loss = -logp.sum() / n_tokens * d.world  # token mean over the global batch (DDP averages over ranks)
         loss.backward()

@@ -67,10 +67,11 @@ def _right_text(item: dict) -> str:
 def _fake_sample(answer_for):
     """A stand-in for model.sample.sample: answer_for(prompt text) -> the completion the "model" writes for it.
     Like the real sampler it returns at most max_new_tokens ids, ending with EOS when the text is done, and picks up
-    where a continued prompt (prompt + part of the completion) left off."""
+    where a continued prompt (prompt + part of the completion) left off; a `stop` test is checked every
+    `decode_chunk` tokens, as the real sampler does."""
     seen = []
 
-    def sample(model, tokenizer, prompt_ids, max_new_tokens=256, **kwargs):
+    def sample(model, tokenizer, prompt_ids, max_new_tokens=256, stop=None, decode_chunk=16, **kwargs):
         completions, truncated = [], []
         for ids in prompt_ids:
             prompt = tokenizer.decode(ids)
@@ -78,8 +79,15 @@ def _fake_sample(answer_for):
             full = answer_for(prompt)
             done = max(k for k in range(len(full) + 1) if prompt.endswith(full[:k]))  # already written
             rest = tokenizer(full[done:], add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
-            completions.append(rest[:max_new_tokens])
-            truncated.append(len(rest) > max_new_tokens)
+            n = min(len(rest), max_new_tokens)
+            if stop is not None:
+                n = 0
+                while n < min(len(rest), max_new_tokens):
+                    n = min(n + decode_chunk, len(rest), max_new_tokens)
+                    if stop(rest[:n]):
+                        break
+            completions.append(rest[:n])
+            truncated.append(rest[n - 1] != tokenizer.eos_token_id)
         n = len(completions)
         texts = [tokenizer.decode(c[:-1] if not t else c) for c, t in zip(completions, truncated)]
         return Rollouts(prompt_index=list(range(n)), completion_ids=completions, response_mask=torch.ones(n, 1),
@@ -278,17 +286,15 @@ def test_evaluate_records_and_bfcl(tiny_model, tiny_tokenizer, data_dir, monkeyp
     assert acc == {"simple_python": 0.0, "live_relevance": 0.0, "irrelevance": 1.0}
 
 
-def test_generate_texts_rounds(tiny_model, tiny_tokenizer, monkeypatch):
+def test_generate_texts_stop_at_answer(tiny_model, tiny_tokenizer, monkeypatch):
     prompts = [render_prompt(tiny_tokenizer, q, [], PromptFormat(tools_as="python", prefill="<think>"))
                for q in ("Weather?", "A longer question about the weather in Oslo?", "Hi")]
     one_pass = bfcl.generate_texts(tiny_model, tiny_tokenizer, prompts, max_new_tokens=5, batch_size=3)
-    # greedy in rounds of 2 tokens, each continuing from prompt + text so far: the same text as one pass
-    monkeypatch.setattr(bfcl, "ROUND_TOKENS", 2)
-    rounds = bfcl.generate_texts(tiny_model, tiny_tokenizer, prompts, max_new_tokens=5, batch_size=3,
-                                 stop_at_answer=True, prefill="<think>")
-    assert rounds == one_pass and all(len(tiny_tokenizer(t).input_ids) == 5 for t in rounds)
+    # greedy with the stop test (never true for the random model's text): the same text as without it
+    stopped = bfcl.generate_texts(tiny_model, tiny_tokenizer, prompts, max_new_tokens=5, batch_size=2,
+                                  stop_at_answer=True, prefill="<think>")
+    assert stopped == one_pass and all(len(tiny_tokenizer(t).input_ids) == 5 for t in stopped)
     # a row that closes its <answer> stops (cut after it); the others run to max_new_tokens
-    monkeypatch.setattr(bfcl, "ROUND_TOKENS", 8)
     writes = {"Weather?": "x</think><answer>[f(a=1)]</answer> and then it goes on and on and on",
               "Hi": "</answer> is not an answer block <answer>[g()]</answer>tail"}
     fake = _fake_sample(lambda p: next((v for k, v in writes.items() if k in p), "ramble " * 20))
@@ -298,7 +304,6 @@ def test_generate_texts_rounds(tiny_model, tiny_tokenizer, monkeypatch):
     assert texts[0] == "x</think><answer>[f(a=1)]</answer>"
     assert texts[2] == "</answer> is not an answer block <answer>[g()]</answer>"
     assert texts[1] == ("ramble " * 20)[:60]
-    assert sum("Weather?" in p for p in fake.seen) == 5  # 34 bytes up to the end of </answer>: 5 rounds of 8
 
 
 def test_prompt_format_comes_from_prompt_format_json_before_run_config(tmp_path, capsys):

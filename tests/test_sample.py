@@ -1,10 +1,12 @@
+import functools
+import math
 import importlib.util
 
 import pytest
 import torch
 
-from model.sample import (_generate_batch, _processors, build_generation_config, eos_token_ids, logprob_gap,
-                        micro_batches, pad_id_of, rank_seed, real_vocab_size, sample, shard_indices)
+from model.sample import (_processors, build_generation_config, eos_token_ids, logprob_gap, micro_batches,
+                          pad_id_of, rank_seed, real_vocab_size, sample, shard_indices)
 
 PROMPTS = ["call get_weather for Paris", "hi", "a somewhat longer prompt, with a tool list: [f(x), g(y)]"]
 
@@ -93,21 +95,20 @@ def test_every_eos_id_ends_a_completion(tiny_model, tiny_tokenizer):
     assert all(other_eos not in ids[:-1] for ids in r.completion_ids)
 
 
-def test_greedy_prefill_once_matches_per_prompt_generate(tiny_model, tiny_tokenizer):
+def test_greedy_matches_per_prompt_generate(tiny_model, tiny_tokenizer):
     # float64 so that batching/padding rounding cannot flip an argmax
     model, tok = tiny_model.double(), tiny_tokenizer
-    prompts, G, max_new = encode(tok), 3, 10
-    config = build_generation_config(model, tok, max_new, greedy=True)
-    procs, _ = _processors(real_vocab_size(tok, model), 1.0, 0, 1.0, greedy=True, record=False)
-    batched, _ = _generate_batch(model, prompts, G, config, procs, None, pad_id_of(tok), prefill_once=True,
-                                 length_multiple=1)  # [3*G, T]
-    via_sample = sample(model, tok, prompts, greedy=True, max_new_tokens=max_new, prefill_once=False)
-    assert via_sample.group_size == 1
-    for i, p in enumerate(prompts):
-        alone = model.generate(torch.tensor([p]), generation_config=config, logits_processor=procs)[0, len(p):]
-        for g in range(G):
-            assert batched[i * G + g, :len(alone)].tolist() == alone.tolist()
-        assert via_sample.completion_ids[i] == alone.tolist()[:len(via_sample.completion_ids[i])]
+    prefix = tok.encode("a shared system prompt, long enough to be encoded once per batch: ")
+    prompts, max_new = [prefix + p for p in encode(tok)], 10
+    config = build_generation_config(model, tok, max_new)
+    procs = _processors(real_vocab_size(tok, model), 1.0, 0, 1.0, chooser=None)
+    for kw in (dict(prefill_once=False, share_prefix=False), dict(prefill_once=True, share_prefix=False),
+               dict(prefill_once=True, share_prefix=True, decode_chunk=3)):
+        via_sample = sample(model, tok, prompts, greedy=True, max_new_tokens=max_new, **kw)
+        assert via_sample.group_size == 1
+        for i, p in enumerate(prompts):
+            alone = model.generate(torch.tensor([p]), generation_config=config, logits_processor=procs)[0, len(p):]
+            assert via_sample.completion_ids[i] == alone.tolist()[:len(via_sample.completion_ids[i])], kw
 
 
 def test_prefill_once_samples_the_same_as_expand_then_prefill(tiny_model, tiny_tokenizer):
@@ -161,10 +162,12 @@ def test_micro_batches_respect_budget_and_keep_order(tiny_model, tiny_tokenizer)
 
 
 def test_static_cache_path_matches_dynamic(tiny_model, tiny_tokenizer):
-    # on CPU this runs the static cache without compilation; the padding to a multiple of 64 must not matter
+    # the static cache without compilation (the compiled path is tested on CUDA); the padding to a multiple of 64
+    # must not matter
     model, prompts = tiny_model.double(), encode(tiny_tokenizer)
     dynamic = sample(model, tiny_tokenizer, prompts, greedy=True, max_new_tokens=8)
-    static = sample(model, tiny_tokenizer, prompts, greedy=True, max_new_tokens=8, static_cache=True)
+    static = sample(model, tiny_tokenizer, prompts, greedy=True, max_new_tokens=8, static_cache=True,
+                    compile_decode=False)
     assert static.completion_ids == dynamic.completion_ids
 
 
@@ -269,3 +272,90 @@ def test_row_seeded_draws_follow_the_temperature_distribution(tiny_model, tiny_t
     entropy = -(logp.exp() * logp).sum()
     assert abs(drawn.mean() + entropy) < 4 * drawn.std() / n ** 0.5 + 1e-3, (drawn.mean(), entropy)
     assert len(set(tuple(c) for c in r.completion_ids)) > 20  # really random across rows
+
+
+def test_counter_uniforms_are_splitmix64_and_uniform():
+    import numpy as np
+
+    from model.sample import counter_uniforms
+    mask = 2 ** 64 - 1
+
+    def splitmix64(seed, step):  # the reference: pure Python integers, arithmetic mod 2**64
+        z = (seed + (step + 1) * 0x9E3779B97F4A7C15) & mask
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+        return z ^ (z >> 31)
+
+    rng = np.random.default_rng()
+    seeds = [int(s) for s in rng.integers(0, 2 ** 63, size=50)] + [0, 2 ** 63 - 1]
+    for step in (0, 1, 7, int(rng.integers(0, 10 ** 6))):
+        got = counter_uniforms(np.array(seeds, dtype=np.uint64), step)
+        want = torch.tensor([((splitmix64(s, step) >> 11) + 0.5) * 2.0 ** -53 for s in seeds], dtype=torch.float64)
+        assert torch.equal(got, want)
+    u = counter_uniforms(np.arange(20_000, dtype=np.uint64), 3)
+    assert (u > 0).all() and (u < 1).all()
+    # Kolmogorov-Smirnov against U(0, 1): the 0.1% critical value for n = 20000 is 1.95 / sqrt(n)
+    ks = (torch.sort(u).values - torch.arange(1, 20_001, dtype=torch.float64) / 20_000).abs().max()
+    assert ks < 1.95 / 20_000 ** 0.5
+    # consecutive steps of one row, and neighbouring seeds at one step, are not correlated
+    a, b = counter_uniforms(np.arange(20_000, dtype=np.uint64), 4), u
+    assert abs(torch.corrcoef(torch.stack([a, b]))[0, 1]) < 0.03
+
+
+def test_row_choice_samples_the_exact_distribution():
+    """Chi-square test of the inverse-CDF draws against softmax(scores), with ids of zero probability."""
+    import numpy as np
+
+    from model.sample import RowChoice
+    V, n = 9, 40_000
+    scores = torch.randn(V, dtype=torch.float64) * 1.5
+    scores[[2, 8]] = -math.inf  # masked ids (top-k, padded vocabulary): never drawn
+    probs = torch.softmax(scores, -1)
+    chooser = RowChoice(np.arange(n, dtype=np.uint64) * 7919 + 13, first_step=5, greedy=False, record=True)
+    one_hot = chooser(None, scores.float().expand(n, V).clone())
+    choice = one_hot.argmax(-1)
+    assert torch.isfinite(one_hot).sum() == n  # exactly one finite entry per row
+    counts = torch.bincount(choice, minlength=V).double()
+    assert counts[[2, 8]].sum() == 0
+    keep = probs > 0
+    chi2 = ((counts[keep] - n * probs[keep]) ** 2 / (n * probs[keep])).sum().item()
+    assert chi2 < 22.5, chi2  # 6 degrees of freedom: the 0.1% critical value is 22.46
+    assert torch.allclose(chooser.logp[0].double(), torch.log(probs[choice]), atol=1e-5)
+
+
+def test_finished_rows_leave_the_batch_with_the_same_results(tiny_model, tiny_tokenizer, monkeypatch):
+    """Rows that end (EOS, or the caller's stop test) stop costing compute: later generate() steps run on fewer
+    rows. Pruning and the shared prefix change nothing in the results (float64, per-row seeds)."""
+    model = eos_likely(tiny_model.double(), tiny_tokenizer.eos_token_id, strength=3.0)
+    prefix = tiny_tokenizer.encode("a shared system prompt, long enough to be encoded once per batch: ")
+    prompts = [prefix + p for p in encode(tiny_tokenizer)]
+    G, max_new = 4, 24
+    seeds = list(range(77, 77 + len(prompts) * G))
+    kw = dict(group_size=G, max_new_tokens=max_new, temperature=1.0, row_seeds=seeds, return_logprobs=True)
+    rows_seen = []
+    forward = type(model).forward
+
+    @functools.wraps(forward)  # keeps the signature (the cache keyword is detected from it)
+    def counting_forward(self, *args, **kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        rows_seen.append(tuple(ids.shape))
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "forward", counting_forward)
+    plain = sample(model, tiny_tokenizer, prompts, share_prefix=False, decode_chunk=max_new, **kw)
+    rows_plain = list(rows_seen)
+    rows_seen.clear()
+    pruned = sample(model, tiny_tokenizer, prompts, share_prefix=True, decode_chunk=4, **kw)
+    assert pruned.completion_ids == plain.completion_ids
+    assert torch.allclose(torch.cat(pruned.sampler_logp), torch.cat(plain.sampler_logp), atol=1e-9)
+    assert 0 < sum(pruned.truncated) < len(pruned), "test needs both finished and truncated completions"
+    # the shared prefix went through the model once, on one row; decoding ended on the truncated rows alone
+    assert rows_seen[0] == (1, len(prefix)), rows_seen[:2]
+    decode_rows = [r for r, t in rows_seen if t == 1]
+    assert decode_rows[0] == len(prompts) * G and decode_rows[-1] == sum(pruned.truncated)
+    assert sum(r for r, t in rows_seen if t == 1) < sum(r for r, t in rows_plain if t == 1)
+
+    # a caller's stop test ends rows too (here: once a row holds 6 tokens; checked every 4)
+    stopped = sample(model, tiny_tokenizer, prompts, decode_chunk=4, stop=lambda ids: len(ids) >= 6, **kw)
+    for ids, full in zip(stopped.completion_ids, plain.completion_ids):
+        assert ids == full[:len(ids)] and len(ids) == min(len(full), 8)

@@ -130,23 +130,30 @@ def _logp_and_grads(model, score, prompts, completions, weights):
     return logp.detach(), entropy, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("checkpointing", [False, True])
-def test_shared_prompt_scoring_equals_plain_scoring(tiny_tokenizer, checkpointing):
+@pytest.mark.parametrize("checkpointing,prefix", [(False, 0), (True, 0), (False, 21)])
+def test_shared_prompt_scoring_equals_plain_scoring(tiny_tokenizer, checkpointing, prefix):
     """Groups of completions sharing a prompt (and a lone one): the shared-prompt-cache forward gives the plain
     forward's log-probs, entropies and gradients; with gradient checkpointing in training mode too (checkpointed
-    layers return no cache)."""
+    layers return no cache), and with a prefix common to all prompts (run once for all groups)."""
     from model.compat import enable_activation_checkpointing
     from model.score import shared_prompt_logprobs
     from model.tiny import tiny_model
     model = tiny_model(tiny_tokenizer, seed=int(torch.randint(0, 2**31, ())))
     prompts_once, completions = random_batch(model.config.vocab_size, [6, 3, 8], [5, 3, 4, 1, 0, 6, 2])
+    common = torch.randint(3, model.config.vocab_size, (prefix,)).tolist()
+    prompts_once = [common + p for p in prompts_once]
     prompts = [prompts_once[0]] * 3 + [prompts_once[1]] * 3 + [prompts_once[2]]  # groups of 3, 3 and 1
     weights = torch.randn(sum(len(c) for c in completions))
     plain = _logp_and_grads(model.train(), completion_logprobs, prompts, completions, weights)
     if checkpointing:
         enable_activation_checkpointing(model)
     model.train()
+    shapes = []  # what the body embeds, call by call
+    hook = model.get_input_embeddings().register_forward_hook(lambda m, args, out: shapes.append(tuple(args[0].shape)))
     shared = _logp_and_grads(model, shared_prompt_logprobs, prompts, completions, weights)
+    hook.remove()
+    if prefix and not checkpointing:  # the common prefix ran once, then each prompt's own part
+        assert shapes[:2] == [(1, prefix), (1, len(prompts_once[0]) - prefix)], shapes
     torch.testing.assert_close(shared[0], plain[0], rtol=0, atol=1e-5)
     torch.testing.assert_close(shared[1], plain[1], rtol=0, atol=1e-5)
     assert set(shared[2]) == set(plain[2]) == {n for n, _ in model.named_parameters()}
