@@ -162,12 +162,13 @@ RECIPES = {
     # The paper's published v4 (EGPO) settings (arXiv 2508.05118 v4; see README for the ones without a field here):
     # Qwen3-4B-Instruct-2507, lr 1e-6, KL 0.001, 1,024 prompts x 8 rollouts, responses up to 8,192 tokens,
     # temperature 0.7, lambda 0.4 and alpha (kappa) 2 on the sequence-level <think> entropy, strict binary reward,
-    # BFCL's prompt (tools as JSON) with the think/answer format. RL starts from the instruct model (the paper
-    # describes no supervised stage) on the whole prepared data (no difficulty filter).
+    # BFCL's prompt (tools as JSON) with the think/answer format, nothing prefilled (the model opens its own
+    # <think>). RL starts from the instruct model (the paper describes no supervised stage) on the whole prepared
+    # data (no difficulty filter).
     "egpo-v4": {"model": "Qwen/Qwen3-4B-Instruct-2507", "lr": 1e-6, "kl_coef": 0.001, "prompts_per_step": 1024,
                 "group_size": 8, "max_new_tokens": 8192, "temperature": 0.7, "entropy_coef": 0.4,
                 "entropy_kappa": 2.0, "entropy_mode": "seq", "reward_mode": "binary", "answer_format": "think",
-                "tools_as": "json", "sft_steps": 0, "difficulty": "all"},
+                "tools_as": "json", "prefill": "", "sft_steps": 0, "difficulty": "all"},
 }
 
 

@@ -428,7 +428,8 @@ def plot_curves(runs_by_arm: dict[str, list[Path]], path: Path, ema_weight: floa
                 if pts:
                     steps, values = zip(*pts)
                     smoothed.append((steps, ema(list(values), ema_weight)))
-                    ax.plot(steps, smoothed[-1][1], color=color, alpha=0.3, linewidth=0.8)
+                    ax.plot(steps, smoothed[-1][1], color=color, alpha=0.3, linewidth=0.8,
+                            marker="o" if len(steps) < 3 else None)  # a line of one point would not show
             n = min((len(s[0]) for s in smoothed), default=0)
             if n:
                 ax.plot(smoothed[0][0][:n], np.mean([s[1][:n] for s in smoothed], axis=0), color=color,

@@ -8,6 +8,7 @@ import difflib
 import inspect
 import io
 import json
+import shlex
 import sys
 import tokenize
 import typing
@@ -71,7 +72,8 @@ def help_text(cls, prog: str, recipes: dict[str, dict] | None = None) -> str:
     if recipes:
         lines += ["", "recipes (--recipe NAME sets these values; explicit flags win, in any order):"]
         for name, values in recipes.items():
-            lines.append(f"  {name}: " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in values.items()))
+            lines.append(f"  {name}: " + " ".join(f"--{k.replace('_', '-')} {shlex.quote(str(v))}"
+                                                for k, v in values.items()))
     return "\n".join(lines)
 
 
