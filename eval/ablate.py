@@ -385,7 +385,7 @@ def report_markdown(report: dict) -> str:
                      else "" for m in measures]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "## Held-out accuracy after the warm-up (%), per seed", "",
-              "The arms of a seed start from the same warm-up, so these agree within a seed.", ""]
+              "When the RL arms start from the control's warm-up (the default), these are equal within a seed.", ""]
     for row in report["after_warmup"]:
         lines.append(f"- seed {row['seed']}: " + ", ".join(
             f"{arm} {_pct(v)}" if v is not None else f"{arm} -" for arm, v in row.items() if arm != "seed"))
