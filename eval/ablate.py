@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from eval.bfcl import BFCLDataError, read_verdicts
+from eval.bfcl import BFCLDataError, parse_categories, read_verdicts
 from eval.plot import bar_chart, ema, read_metrics
 from model.checkpoint import checkpoint_problem
 
@@ -465,6 +465,7 @@ def write_report(out: Path, runs: list[Run], arms: list[str], command: str, trai
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     ap = argparse.ArgumentParser(prog="python -m eval.ablate", allow_abbrev=False,
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                  description="FunRL vs GRPO vs warm-up only, paired by seed, with bootstrap "
                                              "intervals. Flags not listed here go to every train.py run.")
     ap.add_argument("--arms", default="funrl,grpo,warmup_only", help=f"comma-separated, from: {', '.join(ARM_FLAGS)}")
@@ -486,6 +487,11 @@ def main(argv=None):
                          f"choose from {', '.join(ARM_FLAGS)}")
     if args.seeds < 1 or args.jobs < 1 or args.bfcl_limit < 1 or not 0 <= args.ema < 1:
         raise SystemExit("error: --seeds, --jobs and --bfcl-limit must be >= 1 and --ema in [0, 1)")
+    try:
+        if args.bfcl_categories:
+            args.bfcl_categories = ",".join(parse_categories(args.bfcl_categories))
+    except BFCLDataError as e:
+        raise SystemExit(f"error: --bfcl-categories: {e}") from None
     reserved = [f for f in train_flags if f.split("=")[0] in RESERVED]
     if reserved:
         raise SystemExit(f"error: {reserved[0].split('=')[0]} is set per run by eval.ablate (use --out and --seeds)")

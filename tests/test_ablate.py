@@ -258,6 +258,7 @@ def test_mistakes_are_one_line_errors(ablation, tiny_dir, tiny_data, capsys):
     for argv, message in [
         (["--arms", "funrl,ppo", "--out", str(out / "x")], "--arms: unknown arm ppo"),
         (["--out", str(out / "x"), "--seed", "3"], "--seed is set per run by eval.ablate"),
+        (["--out", str(out / "x"), "--bfcl-categories", "simple_pyton"], "unknown or unsupported category"),
         (["--out", str(out), "--bfcl-categories", "simple_python", "--bfcl-limit", "2", "--lr", "5e-3"],
          "holds runs made with other settings"),
     ]:
