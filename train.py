@@ -47,6 +47,7 @@ class Config:
     """GRPO + FunRL for function calling. Defaults: the CPU run on the embedded SmolLM2-135M (see README for
     the paper's GPU settings)."""
     # --- run ---
+    recipe: str = ""  # a preset of the settings below, overridden by explicit flags (egpo-v4: the paper's v4, GPU)
     model: str = "smollm2-135m"  # HF id (from the local cache), a model/checkpoint directory, or smollm2-135m
     out_dir: str = "runs/default"  # run directory: config.json, metrics.jsonl, samples.jsonl, checkpoints/, plots
     seed: int = 0  # seeds data order, sampling (per step and rank) and init
@@ -142,6 +143,7 @@ class Config:
              "eval_every, eval_limit, sample_every and save_every must be >= 0"),
             (self.eval_bfcl_limit >= 1, "eval_bfcl_limit must be >= 1"),
             (self.keep_last >= 0, "keep_last must be >= 0"),
+            (not self.recipe or self.recipe in RECIPES, f"recipe must be empty or one of {', '.join(RECIPES)}"),
         ]
         for ok, problem in checks:
             if not ok:
@@ -155,8 +157,23 @@ class Config:
         return PromptFormat(self.answer_format, self.tools_as, self.prefill)
 
 
+# --recipe NAME: values applied before the explicit flags (which win); config.json records the resolved values.
+RECIPES = {
+    # The paper's published v4 (EGPO) settings (arXiv 2508.05118 v4; see README for the ones without a field here):
+    # Qwen3-4B-Instruct-2507, lr 1e-6, KL 0.001, 1,024 prompts x 8 rollouts, responses up to 8,192 tokens,
+    # temperature 0.7, lambda 0.4 and alpha (kappa) 2 on the sequence-level <think> entropy, strict binary reward,
+    # BFCL's prompt (tools as JSON) with the think/answer format, nothing prefilled (the model opens its own
+    # <think>). RL starts from the instruct model (the paper describes no supervised stage) on the whole prepared
+    # data (no difficulty filter).
+    "egpo-v4": {"model": "Qwen/Qwen3-4B-Instruct-2507", "lr": 1e-6, "kl_coef": 0.001, "prompts_per_step": 1024,
+                "group_size": 8, "max_new_tokens": 8192, "temperature": 0.7, "entropy_coef": 0.4,
+                "entropy_kappa": 2.0, "entropy_mode": "seq", "reward_mode": "binary", "answer_format": "think",
+                "tools_as": "json", "prefill": "", "sft_steps": 0, "difficulty": "all"},
+}
+
+
 def main(argv=None):
-    cfg = parse_config(Config, argv)
+    cfg = parse_config(Config, argv, recipes=RECIPES)
     device = pick_device(cfg.device)
     d = init_distributed(device, cfg.fsdp)
     log = tqdm.write if d.master else (lambda msg: None)
@@ -387,24 +404,27 @@ def lr_factor(step: int, cfg: Config) -> float:
 
 def evaluate(model, root, tokenizer, val_records: list[dict], cfg: Config, d: Dist, tag: str) -> dict:
     """Greedy accuracy on the held-out records (+ BFCL subsets if asked); the ranks share the work. `root` is
-    the module whose FSDP shards are gathered around generation."""
-    from eval.bfcl import evaluate_bfcl, evaluate_records  # eval uses the same sampler, template and checker
+    the module whose FSDP shards are gathered around generation. The verdict on every record goes to
+    <out_dir>/eval_records/<tag>.jsonl (what confidence intervals over records are computed from)."""
+    from eval.bfcl import evaluate_bfcl_verdicts, evaluate_records, write_verdicts  # same sampler and checker
 
     if not val_records and not cfg.eval_bfcl:
         return {}
     model.eval()
-    bfcl = {}
+    bfcl, bfcl_verdicts = {}, []
     with full_params(root, cfg.fsdp), autocast_to(root.compute_dtype, next(model.parameters()).device):
         result = evaluate_records(model, tokenizer, val_records[d.rank::d.world], cfg.prompt_format,
                                   max_new_tokens=cfg.max_new_tokens)
         if cfg.eval_bfcl:
-            bfcl = evaluate_bfcl(model, tokenizer, cfg.eval_bfcl.split(","), cfg.eval_bfcl_limit, rank=d.rank,
-                                 world=d.world, all_reduce=d.all_reduce, prompt_format=cfg.prompt_format,
-                                 max_new_tokens=cfg.max_new_tokens)
+            bfcl, bfcl_verdicts = evaluate_bfcl_verdicts(
+                model, tokenizer, cfg.eval_bfcl.split(","), cfg.eval_bfcl_limit, rank=d.rank, world=d.world,
+                all_reduce=d.all_reduce, prompt_format=cfg.prompt_format, max_new_tokens=cfg.max_new_tokens)
     counts = d.all_reduce(torch.tensor([result["correct"], result["total"]], dtype=torch.float64))
     out = {f"eval/{tag}/val_accuracy": (counts[0] / counts[1].clamp(min=1)).item()}
     out.update({f"eval/{tag}/bfcl_{category}": accuracy for category, accuracy in bfcl.items()})
+    verdicts = [v for shard in d.gather_objects(result["verdicts"] + bfcl_verdicts) for v in shard]
     if d.master:
+        write_verdicts(Path(cfg.out_dir) / "eval_records" / f"{tag}.jsonl", verdicts)
         tqdm.write(f"[eval] {tag}: " + ", ".join(f"{k.split('/')[-1]}={v:.3f}" for k, v in out.items()))
     return out
 

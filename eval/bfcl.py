@@ -282,29 +282,63 @@ def item_prompt(tokenizer, item: dict, prompt_format: PromptFormat) -> str:
     return render_prompt(tokenizer, item["question"], item["function"], prompt_format)
 
 
+@dataclasses.dataclass(frozen=True)
+class Verdict:
+    """One evaluated record or BFCL item: what `eval_records/<tag>.jsonl` of a training run holds, one per line."""
+    split: str  # "val" (held-out records, training reward) or "bfcl" (BFCL items, BFCL's decoding)
+    category: str
+    id: str
+    correct: bool
+    reason: str  # "correct" or the failure's reason code
+
+
+def write_verdicts(path, verdicts: list[Verdict]) -> None:
+    """Replace `path` with one JSON line per verdict (written aside, then renamed: never half a file)."""
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        f.writelines(json.dumps(dataclasses.asdict(v)) + "\n" for v in verdicts)
+    os.replace(path + ".tmp", path)
+
+
+def read_verdicts(path) -> list[Verdict]:
+    """The verdicts of a file write_verdicts wrote; BFCLDataError with file:line for anything else."""
+    fields = [f.name for f in dataclasses.fields(Verdict)]
+    out = []
+    for n, row in _read_jsonl(os.fspath(path), "verdicts"):
+        if not isinstance(row, dict) or sorted(row) != sorted(fields) or not isinstance(row["correct"], bool):
+            raise BFCLDataError(f"{path}:{n} is not a verdict row ({', '.join(fields)}); rerun the evaluation")
+        out.append(Verdict(**{k: row[k] for k in fields}))
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------
 # Used by train.py: held-out records and fixed BFCL subsets, greedy
 
 def evaluate_records(model, tokenizer, records: list[dict], prompt_format: PromptFormat = PromptFormat(),
                      max_new_tokens: int = 256, batch_size: int = 16) -> dict:
     """Greedy accuracy on canonical records (data/ format), scored with the training reward (format gate + checker)
-    on prefill + completion. -> {"correct", "total", "per_category": {cat: [correct, total]}, "outputs"}."""
+    on prefill + completion. -> {"correct", "total", "per_category": {cat: [correct, total]}, "outputs",
+    "verdicts": [Verdict per record, in order]}."""
     from rl.reward import reward
 
     if not records:
-        return {"correct": 0, "total": 0, "per_category": {}, "outputs": []}
+        return {"correct": 0, "total": 0, "per_category": {}, "outputs": [], "verdicts": []}
     prefill = prompt_format.prefill
     prompts = [render_prompt(tokenizer, r["messages"], r["tools"], prompt_format) for r in records]
     texts = generate_texts(model, tokenizer, prompts, max_new_tokens, batch_size)
-    per_category, correct = {}, 0
+    per_category, correct, verdicts = {}, 0, []
     for record, text in zip(records, texts):
-        ok = reward(prefill + text, record, answer_format=prompt_format.answer_format)[0] >= 1.0
-        counts = per_category.setdefault(record.get("category", "unknown"), [0, 0])
+        score, why = reward(prefill + text, record, answer_format=prompt_format.answer_format)
+        ok = score >= 1.0
+        category = record.get("category", "unknown")
+        counts = per_category.setdefault(category, [0, 0])
         counts[0] += int(ok)
         counts[1] += 1
         correct += int(ok)
+        verdicts.append(Verdict("val", category, str(record.get("id", "")), ok, "correct" if ok else reason_code(why)))
     return {"correct": correct, "total": len(records), "per_category": per_category,
-            "outputs": [prefill + t for t in texts]}
+            "outputs": [prefill + t for t in texts], "verdicts": verdicts}
 
 
 def evaluate_bfcl(model, tokenizer, categories: list[str], limit: int, rank: int = 0, world: int = 1,
@@ -315,6 +349,16 @@ def evaluate_bfcl(model, tokenizer, categories: list[str], limit: int, rank: int
     sharded items[rank::world]; [correct, total] counts are summed with all_reduce. -> {category: accuracy}.
     In the think format generation stops after the first </answer> (see generate_texts): same verdicts, faster.
     Multi-turn categories run as episodes (eval.multiturn.evaluate_multi_turn), with one all_reduce of their own."""
+    return evaluate_bfcl_verdicts(model, tokenizer, categories, limit, rank, world, all_reduce, prompt_format,
+                                  max_new_tokens, batch_size, data_dir)[0]
+
+
+def evaluate_bfcl_verdicts(model, tokenizer, categories: list[str], limit: int, rank: int = 0, world: int = 1,
+                           all_reduce=lambda t: t, prompt_format: PromptFormat = PromptFormat(),
+                           max_new_tokens: int = 256, batch_size: int = 16,
+                           data_dir: str | None = None) -> tuple[dict, list[Verdict]]:
+    """evaluate_bfcl, plus this rank's verdict on each single-turn item it scored (multi-turn categories have
+    accuracies only). -> ({category: accuracy}, [Verdict])."""
     categories = parse_categories(categories)
     multi = [c for c in categories if c in MULTI_TURN_CATEGORIES]
     categories = [c for c in categories if c not in MULTI_TURN_CATEGORIES]
@@ -322,7 +366,7 @@ def evaluate_bfcl(model, tokenizer, categories: list[str], limit: int, rank: int
         model, tokenizer, multi, limit, data_dir or find_data_dir(), rank=rank, world=world, all_reduce=all_reduce,
         prompt_format=prompt_format, max_new_tokens=max_new_tokens, batch_size=batch_size) if multi else {}
     if not categories:
-        return accuracy
+        return accuracy, []
     items = []
     for category in categories:
         items += select_subset(load_category(category, data_dir), limit)[rank::world]
@@ -331,13 +375,18 @@ def evaluate_bfcl(model, tokenizer, categories: list[str], limit: int, rank: int
     texts = generate_texts(model, tokenizer, prompts, max_new_tokens, batch_size,
                            stop_at_answer=prompt_format.answer_format == "think", prefill=prefill) if items else []
     counts = torch.zeros(len(categories), 2, dtype=torch.float64)  # [C, (correct, total)]
+    verdicts = []
     for item, text in zip(items, texts):
         c = categories.index(item["category"])
-        counts[c, 0] += float(score_text(prefill + text, item)[0])
+        ok, why = score_text(prefill + text, item)
+        counts[c, 0] += float(ok)
         counts[c, 1] += 1
+        verdicts.append(Verdict("bfcl", item["category"], str(item["id"]), bool(ok),
+                                "correct" if ok else reason_code(why)))
     counts = all_reduce(counts)
-    return {**{cat: (counts[c, 0] / counts[c, 1].clamp(min=1)).item() for c, cat in enumerate(categories)},
-            **accuracy}
+    return ({**{cat: (counts[c, 0] / counts[c, 1].clamp(min=1)).item() for c, cat in enumerate(categories)},
+             **accuracy}, verdicts)
+
 
 
 # ----------------------------------------------------------------------------------------------------

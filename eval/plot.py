@@ -39,6 +39,17 @@ def smooth(values: list[float], k: int) -> list[float]:
     return out
 
 
+def ema(values: list[float], weight: float) -> list[float]:
+    """Exponential moving average, as TensorBoard smooths: s_t = weight * s_(t-1) + (1 - weight) * v_t, with the
+    start-up bias removed (so the first point is v_0, not weight * 0). weight 0 returns the values."""
+    out, last, norm = [], 0.0, 0.0
+    for v in values:
+        last = weight * last + (1 - weight) * v
+        norm = weight * norm + (1 - weight)
+        out.append(last / norm)
+    return out
+
+
 def plot_runs(run_dirs, out_dir=None, smooth_k: int = 1) -> Path:
     import matplotlib
     matplotlib.use("Agg")
@@ -67,9 +78,11 @@ def plot_runs(run_dirs, out_dir=None, smooth_k: int = 1) -> Path:
     return path
 
 
-def bar_chart(groups: list[str], series: dict[str, list[float]], path, title: str = "", ylabel: str = "") -> Path:
+def bar_chart(groups: list[str], series: dict[str, list[float]], path, title: str = "", ylabel: str = "",
+              intervals: dict[str, list[tuple[float, float]]] | None = None) -> Path:
     """Grouped bars: one group per name in `groups`, one bar per series (e.g. a model) in each group, the value
-    written above each bar. series: {label: [value per group]}. Writes the PNG to `path` and returns it."""
+    written above each bar. series: {label: [value per group]}; intervals {label: [(low, high) per group]} draws
+    error bars. Writes the PNG to `path` and returns it."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -81,7 +94,11 @@ def bar_chart(groups: list[str], series: dict[str, list[float]], path, title: st
     fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(groups) * max(1, n / 2) + 2), 4.5))
     for k, (label, values) in enumerate(series.items()):
         xs = [i + (k - (n - 1) / 2) * width for i in range(len(groups))]
-        bars = ax.bar(xs, values, width, label=label)
+        yerr = None
+        if intervals and label in intervals:
+            yerr = [[max(0.0, v - lo) for v, (lo, _) in zip(values, intervals[label])],
+                    [max(0.0, hi - v) for v, (_, hi) in zip(values, intervals[label])]]
+        bars = ax.bar(xs, values, width, label=label, yerr=yerr, capsize=3 if yerr else 0)
         ax.bar_label(bars, fmt="%.1f", fontsize=7, padding=1)
     ax.set_xticks(range(len(groups)))
     ax.set_xticklabels(groups, rotation=30, ha="right")

@@ -8,6 +8,7 @@ import difflib
 import inspect
 import io
 import json
+import shlex
 import sys
 import tokenize
 import typing
@@ -57,7 +58,7 @@ def _parse_value(name: str, text: str, typ):
     return text
 
 
-def help_text(cls, prog: str) -> str:
+def help_text(cls, prog: str, recipes: dict[str, dict] | None = None) -> str:
     comments = field_comments(cls)
     hints = typing.get_type_hints(cls, include_extras=True)
     lines = [f"usage: {prog} [--field value ...]", "", (cls.__doc__ or "").strip(), "", "options:"]
@@ -68,12 +69,19 @@ def help_text(cls, prog: str) -> str:
         lines.append(f"  {flag} {kind.upper() if kind in ('int', 'float', 'str') else kind}  "
                      f"[default: {json.dumps(f.default)}]")
         lines.append(f"      {comments.get(f.name, '')}")
+    if recipes:
+        lines += ["", "recipes (--recipe NAME sets these values; explicit flags win, in any order):"]
+        for name, values in recipes.items():
+            lines.append(f"  {name}: " + " ".join(f"--{k.replace('_', '-')} {shlex.quote(str(v))}"
+                                                for k, v in values.items()))
     return "\n".join(lines)
 
 
-def parse_config(cls, argv: list[str] | None = None, prog: str = "train.py"):
+def parse_config(cls, argv: list[str] | None = None, prog: str = "train.py", recipes: dict[str, dict] | None = None):
     """Build `cls` from `--field value` / `--field=value` pairs (dashes or underscores; a bare `--flag` sets a
-    bool to true). Unknown flags and bad values exit with a message that says what to do."""
+    bool to true). Unknown flags and bad values exit with a message that says what to do.
+    recipes {name: {field: value}}: `--recipe NAME` (cls needs a `recipe` field) starts from those values instead
+    of the defaults; every flag given explicitly overrides them, before or after --recipe."""
     argv = sys.argv[1:] if argv is None else list(argv)
     hints = typing.get_type_hints(cls, include_extras=True)
     names = [f.name for f in dataclasses.fields(cls)]
@@ -82,7 +90,7 @@ def parse_config(cls, argv: list[str] | None = None, prog: str = "train.py"):
     while i < len(argv):
         arg = argv[i]
         if arg in ("-h", "--help"):
-            print(help_text(cls, prog))
+            print(help_text(cls, prog, recipes))
             raise SystemExit(0)
         if not arg.startswith("--"):
             raise ConfigError(f"unexpected argument {arg!r}: options look like --field value (see --help)")
@@ -105,6 +113,11 @@ def parse_config(cls, argv: list[str] | None = None, prog: str = "train.py"):
             text = argv[i]
         values[name] = _parse_value(key, text, typ)
         i += 1
+    if values.get("recipe"):
+        if values["recipe"] not in (recipes or {}):
+            raise ConfigError(f"--recipe: unknown recipe {values['recipe']!r}; choose from: "
+                              f"{', '.join(recipes or {}) or '(none defined)'}")
+        values = {**recipes[values["recipe"]], **values}
     try:
         return cls(**values)  # the dataclass checks its values at construction (__post_init__)
     except ValueError as e:

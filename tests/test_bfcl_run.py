@@ -248,6 +248,8 @@ def test_evaluate_records_and_bfcl(tiny_model, tiny_tokenizer, data_dir, monkeyp
     out = evaluate_records(tiny_model, tiny_tokenizer, records, PromptFormat(tools_as="python", prefill="<think>"),
                            max_new_tokens=4)
     assert out["total"] == 2 and out["correct"] == 0 and len(out["outputs"]) == 2
+    assert [(v.id, v.correct) for v in out["verdicts"]] == [("r0", False), ("r1", False)]
+    assert all(v.reason.startswith("format") for v in out["verdicts"])
     assert all(t.startswith("<think>") for t in out["outputs"])
     assert evaluate_records(tiny_model, tiny_tokenizer, [])["total"] == 0  # an empty shard on some rank
     # a model that always answers right scores 1.0 (the reward sees prefill + completion)
@@ -257,6 +259,8 @@ def test_evaluate_records_and_bfcl(tiny_model, tiny_tokenizer, data_dir, monkeyp
     out = evaluate_records(tiny_model, tiny_tokenizer, records, PromptFormat(prefill="<think>"))
     assert (out["correct"], out["total"]) == (2, 2)
     assert out["per_category"] == {"simple": [1, 1], "irrelevance": [1, 1]}
+    assert out["verdicts"] == [bfcl.Verdict("val", "simple", "r0", True, "correct"),
+                               bfcl.Verdict("val", "irrelevance", "r1", True, "correct")]
 
     # BFCL subsets: every item right -> 1.0; sharded over 2 ranks, the shards split the same fixed subset
     items = _all_items(data_dir)
@@ -284,6 +288,26 @@ def test_evaluate_records_and_bfcl(tiny_model, tiny_tokenizer, data_dir, monkeyp
     acc = evaluate_bfcl(tiny_model, tiny_tokenizer, cats, limit=2, prompt_format=PromptFormat(prefill="<think>"),
                         data_dir=data_dir)
     assert acc == {"simple_python": 0.0, "live_relevance": 0.0, "irrelevance": 1.0}
+    # the per-item verdicts behind those accuracies (what train.py writes to eval_records/<tag>.jsonl)
+    acc, verdicts = bfcl.evaluate_bfcl_verdicts(tiny_model, tiny_tokenizer, cats, limit=2,
+                                                prompt_format=PromptFormat(prefill="<think>"), data_dir=data_dir)
+    assert sorted((v.split, v.category, v.correct) for v in verdicts) == sorted(
+        [("bfcl", "simple_python", False)] * 2 + [("bfcl", "live_relevance", False)] + [("bfcl", "irrelevance", True)] * 2)
+    subset_ids = {it["id"] for c in cats for it in bfcl.select_subset(bfcl.load_category(c, data_dir), 2)}
+    assert {v.id for v in verdicts} == subset_ids
+    assert {v.reason for v in verdicts if v.correct} == {"correct"} and all(
+        v.reason != "correct" for v in verdicts if not v.correct)
+
+
+def test_verdicts_round_trip_and_a_bad_file_is_a_clear_error(tmp_path):
+    verdicts = [bfcl.Verdict("val", "simple", "r0", True, "correct"),
+                bfcl.Verdict("bfcl", "multiple", "multiple_3", False, "wrong_function")]
+    bfcl.write_verdicts(tmp_path / "eval_records" / "after_rl.jsonl", verdicts)
+    assert bfcl.read_verdicts(tmp_path / "eval_records" / "after_rl.jsonl") == verdicts
+    assert not list((tmp_path / "eval_records").glob("*.tmp"))
+    (tmp_path / "bad.jsonl").write_text('{"split": "val", "id": "r0", "correct": 1}\n')
+    with pytest.raises(BFCLDataError, match="bad.jsonl:1 is not a verdict row"):
+        bfcl.read_verdicts(tmp_path / "bad.jsonl")
 
 
 def test_generate_texts_stop_at_answer(tiny_model, tiny_tokenizer, monkeypatch):

@@ -98,3 +98,50 @@ def test_prompt_format_of_a_config():
     fmt = Config(answer_format="plain", tools_as="json", prefill="").prompt_format
     assert (fmt.answer_format, fmt.tools_as, fmt.prefill) == ("plain", "json", "")
     assert Config().prompt_format.starts_in_think
+
+
+def _train_module():
+    _config_cls()
+    return sys.modules["train_script"]
+
+
+def test_recipe_egpo_v4_applies_the_papers_settings_and_explicit_flags_win():
+    train = _train_module()
+    recipe = train.RECIPES["egpo-v4"]
+    cfg = parse_config(train.Config, ["--recipe", "egpo-v4"], recipes=train.RECIPES)
+    assert (cfg.model, cfg.lr, cfg.kl_coef, cfg.prompts_per_step, cfg.group_size, cfg.max_new_tokens) == (
+        "Qwen/Qwen3-4B-Instruct-2507", 1e-6, 0.001, 1024, 8, 8192)
+    assert (cfg.temperature, cfg.entropy_coef, cfg.entropy_kappa, cfg.tools_as, cfg.sft_steps) == (
+        0.7, 0.4, 2.0, "json", 0)
+    assert all(getattr(cfg, name) == value for name, value in recipe.items())
+    # an explicit flag wins whether it comes before or after --recipe; the rest of the recipe still applies
+    for argv in (["--lr", "3e-6", "--recipe", "egpo-v4"], ["--recipe=egpo-v4", "--lr", "3e-6"]):
+        cfg = parse_config(train.Config, argv + ["--group-size", "4"], recipes=train.RECIPES)
+        assert cfg.lr == 3e-6 and cfg.group_size == 4 and cfg.max_new_tokens == 8192 and cfg.recipe == "egpo-v4"
+    # the resolved values are what config.json records
+    saved = json.loads(config_to_json(cfg))
+    assert saved["lr"] == 3e-6 and saved["max_new_tokens"] == 8192 and saved["recipe"] == "egpo-v4"
+    # without --recipe nothing of it leaks in
+    assert parse_config(train.Config, [], recipes=train.RECIPES).lr == train.Config().lr != 1e-6
+
+
+def test_recipe_values_are_fields_and_help_shows_the_recipe():
+    train = _train_module()
+    import dataclasses
+    names = {f.name for f in dataclasses.fields(train.Config)}
+    for recipe in train.RECIPES.values():
+        assert set(recipe) <= names, set(recipe) - names
+        train.Config(**recipe)  # valid values
+    out = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert "--recipe STR" in out.stdout and "egpo-v4: --model Qwen/Qwen3-4B-Instruct-2507" in out.stdout
+
+
+def test_unknown_recipe_is_a_one_line_error(tmp_path):
+    train = _train_module()
+    with pytest.raises(ConfigError, match=re.escape("unknown recipe 'egpo-v9'; choose from: egpo-v4")):
+        parse_config(train.Config, ["--recipe", "egpo-v9"], recipes=train.RECIPES)
+    out = subprocess.run([sys.executable, "train.py", "--recipe", "egpo-v9", "--out-dir", str(tmp_path / "run")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and out.stderr.strip().splitlines() == [
+        "--recipe: unknown recipe 'egpo-v9'; choose from: egpo-v4"]
+    assert not (tmp_path / "run").exists()  # nothing was written

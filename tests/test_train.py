@@ -94,6 +94,13 @@ def test_two_processes_match_one(tiny_dir, tiny_data, tmp_path):
     assert changed, "the step did not update the parameters: the comparison would be vacuous"
     r1, r2 = _rl_rows(tmp_path / "one")[0], _rl_rows(tmp_path / "two")[0]
     assert r1["reward"] == pytest.approx(r2["reward"]) and r1["loss"] == pytest.approx(r2["loss"], rel=1e-4)
+    # each rank evaluated its shard; rank 0 wrote every record's verdict, consistent with the summary
+    from eval.bfcl import read_verdicts
+    for run in ("one", "two"):
+        verdicts = read_verdicts(tmp_path / run / "eval_records" / "after_rl.jsonl")
+        summary = json.loads((tmp_path / run / "summary.json").read_text())
+        assert sorted(v.id for v in verdicts) == ["r0", "r1"]
+        assert summary["eval/after_rl/val_accuracy"] == sum(v.correct for v in verdicts) / 2
 
 
 def test_fresh_run_refuses_to_overwrite_an_existing_run(tmp_path):
