@@ -8,9 +8,12 @@ release it comes from, and `generate` of the same release takes the same name.
 
 Activation checkpointing: 5.24 renamed `gradient_checkpointing_enable` to `activation_checkpointing_enable`
 (the old name warns that v6 removes it). Either way the checkpointed layers carry `gradient_checkpointing = True`.
+Both take the keyword arguments of torch.utils.checkpoint.checkpoint (`activation_checkpointing_kwargs`, before
+5.24 `gradient_checkpointing_kwargs`).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 
@@ -39,10 +42,37 @@ def fork_cache(cache, config):
     return DynamicCache(ddp_cache_data=[(k, v) for k, v, *_ in cache], config=config)
 
 
+class SameAttentionOnRecompute:
+    """torch.utils.checkpoint's `context_fn`: the backward recomputes a layer with the attention implementation its
+    forward ran with. Packed scoring switches the model to another attention for one body call (model.varlen); the
+    recompute comes after that call, and on plain SDPA it would attend across the packed sequences."""
+
+    def __init__(self, config):
+        self.config = config
+
+    def __call__(self):
+        from model.varlen import attention_implementation
+
+        return contextlib.nullcontext(), attention_implementation(self.config, self.config._attn_implementation)
+
+
 def enable_activation_checkpointing(model) -> None:
-    """Recompute each decoder layer's activations in backward (less memory, about 30% more compute)."""
-    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-    enable()
+    """Recompute each decoder layer's activations in backward (less memory, about 30% more compute), with the
+    attention implementation of the layer's forward."""
+    kwargs = {"use_reentrant": False, "context_fn": SameAttentionOnRecompute(model.config)}
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def recomputes_with_forward_attention(model) -> bool:
+    """True when every checkpointed layer of `model` was set up by enable_activation_checkpointing (its recompute runs
+    the forward's attention implementation)."""
+    layers = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False)]
+    return all(isinstance(getattr(getattr(m, "_gradient_checkpointing_func", None), "keywords", {}).get("context_fn"),
+                              SameAttentionOnRecompute) for m in layers)
 
 
 def activation_checkpointing_on(model) -> bool:

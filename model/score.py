@@ -16,9 +16,13 @@ Two ways to batch the sequences, which give the same result:
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
-from model.compat import activation_checkpointing_on, cache_kwargs, fork_cache, returned_cache
+from model import varlen
+from model.compat import (activation_checkpointing_on, cache_kwargs, fork_cache, recomputes_with_forward_attention,
+                          returned_cache)
 from model.kernels import logprob_entropy
 from model.load import autocast_to
 
@@ -29,6 +33,22 @@ def _device(model) -> torch.device:
 
 def _attn_implementation(model) -> str:
     return str(getattr(model.config, "_attn_implementation", None) or "eager")
+
+
+def _compute_dtype(model) -> torch.dtype:
+    """The dtype the matmuls run in: autocast's when it is on, else the weights'."""
+    device_type = _device(model).type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return next(model.parameters()).dtype
+
+
+def _torch_varlen_usable(model, body) -> bool:
+    """Packed scoring of an SDPA model can run through torch's varlen attention. Under activation checkpointing only
+    when the recompute runs the forward's attention (model.compat.enable_activation_checkpointing): otherwise the
+    backward would recompute the layers on plain SDPA, after the body call, attending across the packed sequences."""
+    return (_attn_implementation(model) == "sdpa" and varlen.unavailable_reason(model, _compute_dtype(model)) is None
+            and (not activation_checkpointing_on(body) or recomputes_with_forward_attention(body)))
 
 
 def _body(model):
@@ -56,8 +76,11 @@ def completion_hidden(model, prompt_ids: list[list[int]], completion_ids: list[l
     """
     _check(prompt_ids, completion_ids)
     device = _device(model)
+    body = _body(model)
+    flash = _attn_implementation(model).startswith("flash")
+    torch_varlen = _torch_varlen_usable(model, body)
     if pack is None:
-        pack = _attn_implementation(model).startswith("flash")
+        pack = flash or torch_varlen
     seqs = [list(p) + list(c) for p, c in zip(prompt_ids, completion_ids)]
     lengths = [len(s) for s in seqs]
     targets = torch.tensor([tok for c in completion_ids for tok in c], dtype=torch.long, device=device)
@@ -65,17 +88,20 @@ def completion_hidden(model, prompt_ids: list[list[int]], completion_ids: list[l
         hidden_size = model.get_output_embeddings().weight.shape[1]
         dtype = next(model.parameters()).dtype
         return torch.zeros(0, hidden_size, dtype=dtype, device=device), targets
-    body = _body(model)
     if pack:
         # one row, no padding: [1, sum T_i]
         input_ids = torch.tensor([tok for s in seqs for tok in s], dtype=torch.long, device=device)[None]
         position_ids = torch.cat([torch.arange(n, device=device) for n in lengths])[None]
-        kwargs = {}
-        if _attn_implementation(model).startswith("flash"):
+        kwargs, attention = {}, contextlib.nullcontext()
+        if flash or torch_varlen:
             # hand varlen attention its boundaries directly instead of having them re-derived per layer
             cu = torch.tensor([0] + lengths, device=device).cumsum(0).to(torch.int32)
             kwargs = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max(lengths), max_length_k=max(lengths))
-        out = body(input_ids=input_ids, position_ids=position_ids, use_cache=False, **kwargs).last_hidden_state[0]
+        if torch_varlen:
+            varlen.register()
+            attention = varlen.attention_implementation(model.config, varlen.VARLEN_ATTN)
+        with attention:
+            out = body(input_ids=input_ids, position_ids=position_ids, use_cache=False, **kwargs).last_hidden_state[0]
         starts = [0]
         for n in lengths[:-1]:
             starts.append(starts[-1] + n)
@@ -217,18 +243,29 @@ class PolicyScorer(torch.nn.Module):
                                        vocab_size=self.vocab_size)
 
 
+def describe_attention(model, compute_dtype: torch.dtype) -> str:
+    """The attention part of describe_paths: which attention scoring runs, packed or padded, and why not packed."""
+    attn = _attn_implementation(model)
+    if attn.startswith("flash"):
+        return f"{attn}, packed scoring (no padding)"
+    if attn == "sdpa" and _device(model).type in varlen.DEVICE_TYPES:
+        why = varlen.unavailable_reason(model, compute_dtype)
+        if why is None:
+            checkpointed = any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+            unsafe = checkpointed and not recomputes_with_forward_attention(model)
+            return "varlen (torch), packed scoring (no padding)" + \
+                ("; padded under this activation checkpointing (its recompute would run plain SDPA)" if unsafe else "")
+        return f"{attn}, padded scoring (flash-attn not installed; no torch varlen: {why})"
+    return f"{attn}, padded scoring"
+
+
 def describe_paths(model, compute_dtype: torch.dtype, fsdp: bool = False) -> str:
     """One line naming the attention, head-kernel and precision paths in use, with the reason for any fallback
     to a slower one (logged once at start: a missing package must not silently cost speed or memory)."""
     from model.kernels import fp32_output_matmul_available, pick_backend
 
     device = _device(model)
-    attn = _attn_implementation(model)
-    if attn.startswith("flash"):
-        attention = f"{attn}, packed scoring (no padding)"
-    else:
-        why = " (flash-attn not installed)" if device.type == "cuda" else ""
-        attention = f"{attn}, padded scoring{why}"
+    attention = describe_attention(model, compute_dtype)
     backend = pick_backend("auto", device)
     head = f"{backend} log-prob/entropy kernel"
     if device.type == "cuda" and backend == "torch":

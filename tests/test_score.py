@@ -1,5 +1,6 @@
 """Scoring forward: padded and packed batches agree with each other and with scoring each sequence alone
 through the full model (float64 log-softmax of its logits); gradients reach the body and the (tied) head."""
+import functools
 import importlib.util
 import os
 
@@ -160,3 +161,260 @@ def test_shared_prompt_scoring_equals_plain_scoring(tiny_tokenizer, checkpointin
     for name in plain[2]:
         # fp32 sums in another order (the prompt's gradient arrives through the repeated cache): ~1e-6 noise
         torch.testing.assert_close(shared[2][name], plain[2][name], rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Packed scoring through torch's varlen attention (model.varlen). Its kernels are CUDA-only, so on CPU varlen_attn
+# is replaced by a float64 reference under each calling convention torch has had, and the CUDA/bf16 gate is opened.
+
+def _reference_attention(query, key, value, cu_seq, scale):
+    """Per-sequence causal attention from cu_seq boundaries, GQA by repeating key/value heads: [T, Hq, D]."""
+    key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
+    value = value.repeat_interleave(query.shape[1] // value.shape[1], dim=1)
+    out = torch.empty_like(query)
+    bounds = cu_seq.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        q, k, v = (t[start:end].transpose(0, 1) for t in (query, key, value))  # [H, n, D]
+        scores = (q @ k.transpose(1, 2)) * scale
+        causal = torch.ones(end - start, end - start, dtype=torch.bool).tril()
+        out[start:end] = (scores.masked_fill(~causal, float("-inf")).softmax(-1) @ v).transpose(0, 1)
+    return out
+
+
+class ReferenceVarlen:
+    """Stand-ins for torch.nn.attention.varlen.varlen_attn with the signatures of torch 2.10 (is_causal, no scale,
+    no GQA), 2.11 (window_size, scale) and 2.12+ (enable_gqa); each records its calls."""
+
+    def __init__(self):
+        self.calls = []
+
+    def _run(self, query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, causal, scale, gqa):
+        assert causal and torch.equal(cu_seq_q, cu_seq_k) and cu_seq_q.dtype == torch.int32
+        assert gqa or key.shape[1] == query.shape[1], "fewer key/value heads without enable_gqa"
+        self.calls.append(dict(cu_seq=cu_seq_q.tolist(), max_q=max_q, max_k=max_k, gqa=gqa, scale=scale,
+                               heads=(query.shape[1], key.shape[1])))
+        return _reference_attention(query, key, value, cu_seq_q, query.shape[-1] ** -0.5 if scale is None else scale)
+
+    def torch_2_10(self, query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None):
+        return self._run(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal, None, False)
+
+    def torch_2_11(self, query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                   window_size=(-1, -1)):
+        return self._run(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, tuple(window_size) == (-1, 0), scale,
+                         False)
+
+    def torch_2_13(self, query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                   window_size=(-1, -1), enable_gqa=False, seqused_k=None, block_table=None, num_splits=None):
+        return self._run(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, tuple(window_size) == (-1, 0), scale,
+                         enable_gqa)
+
+
+@pytest.fixture()
+def reference_varlen(monkeypatch):
+    """Open the varlen path on CPU in float64; returns a function installing one signature's stand-in."""
+    from model import varlen
+    monkeypatch.setattr(varlen, "DEVICE_TYPES", ("cuda", "cpu"))
+    monkeypatch.setattr(varlen, "KERNEL_DTYPES", (torch.bfloat16, torch.float16, torch.float64))
+    ref = ReferenceVarlen()
+
+    def install(release):
+        monkeypatch.setattr(varlen, "varlen_attn", getattr(ref, release))
+        return ref
+    return install
+
+
+def _spy_attention_masks(monkeypatch):
+    """Record the attention_mask every varlen_sdpa attention call receives."""
+    from model import varlen
+    seen = []
+    real = varlen.varlen_attention_forward
+
+    def spy(module, query, key, value, attention_mask, **kwargs):
+        seen.append(attention_mask)
+        return real(module, query, key, value, attention_mask, **kwargs)
+    monkeypatch.setattr(varlen, "varlen_attention_forward", spy)
+    return seen
+
+
+@pytest.mark.parametrize("release", ["torch_2_10", "torch_2_11", "torch_2_13"])
+@pytest.mark.parametrize("arch,tie,heads,kv_heads", [("qwen2", False, 4, 2), ("llama", True, 4, 4)])
+def test_torch_varlen_packed_scoring_equals_padded_sdpa(tiny_tokenizer, reference_varlen, monkeypatch, release,
+                                                        arch, tie, heads, kv_heads):
+    """float64: log-probs, entropies and every gradient of packed varlen scoring (pack=None picks it) equal padded
+    SDPA; varlen_attn got the batch's boundaries, no attention mask reached the attention, and the model is back on
+    SDPA afterwards."""
+    from model.tiny import tiny_model
+    ref = reference_varlen(release)
+    masks = _spy_attention_masks(monkeypatch)
+    model = tiny_model(tiny_tokenizer, arch=arch, tie=tie, heads=heads, kv_heads=kv_heads,
+                       seed=int(torch.randint(0, 2**31, ()))).double().train()
+    prompt_lens, completion_lens = [7, 1, 13, 4, 2], [5, 11, 0, 3, 9]
+    prompts, completions = random_batch(model.config.vocab_size, prompt_lens, completion_lens)
+    weights = torch.randn(sum(completion_lens), dtype=torch.float64)
+    results = {}
+    for pack in (False, None):
+        model.zero_grad()
+        logp, entropy, _ = completion_logprobs(model, prompts, completions, temperature=0.7, pack=pack)
+        (logp * weights).sum().backward()
+        results[pack] = logp.detach(), entropy, {n: p.grad.clone() for n, p in model.named_parameters()}
+        assert model.config._attn_implementation == "sdpa"
+        if pack is False:
+            assert ref.calls == [] and masks == []  # padded scoring stays on SDPA
+    layers = model.config.num_hidden_layers
+    seq_lens = [p + c for p, c in zip(prompt_lens, completion_lens)]
+    bounds = [sum(seq_lens[:i]) for i in range(len(seq_lens) + 1)]
+    assert [c["cu_seq"] for c in ref.calls] == [bounds] * layers
+    assert all(c["max_q"] == c["max_k"] == max(seq_lens) for c in ref.calls)
+    assert masks == [None] * layers  # no [T, T] mask was built
+    if release == "torch_2_13":
+        assert all(c["gqa"] == (heads != kv_heads) and c["scale"] is not None for c in ref.calls)
+    if release == "torch_2_10":  # no enable_gqa: the key/value heads arrive repeated
+        assert all(c["heads"] == (heads, heads) for c in ref.calls)
+    torch.testing.assert_close(results[None][0], results[False][0], rtol=0, atol=1e-10)
+    torch.testing.assert_close(results[None][1], results[False][1], rtol=0, atol=1e-10)
+    assert results[False][2]["model.embed_tokens.weight"].abs().sum() > 0
+    for name, grad in results[False][2].items():
+        torch.testing.assert_close(results[None][2][name], grad, rtol=1e-9, atol=1e-10)
+
+
+def test_torch_varlen_is_switched_off_again_when_the_forward_raises(tiny_tokenizer, reference_varlen, monkeypatch):
+    from model import varlen
+    from model.tiny import tiny_model
+    reference_varlen("torch_2_13")
+    calls = []
+    model = tiny_model(tiny_tokenizer, arch="qwen2").double()
+    prompts, completions = random_batch(model.config.vocab_size, [3, 5], [4, 2])
+
+    def broken(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1)):
+        calls.append(model.config._attn_implementation)
+        raise RuntimeError("kernel failed")
+    monkeypatch.setattr(varlen, "varlen_attn", broken)
+    with pytest.raises(RuntimeError, match="kernel failed"):
+        completion_logprobs(model, prompts, completions)
+    assert calls == [varlen.VARLEN_ATTN] and model.config._attn_implementation == "sdpa"
+    # and a plain SDPA forward afterwards still runs (with the mask SDPA needs)
+    assert torch.isfinite(model(torch.tensor([prompts[0]])).logits).all()
+
+
+def _plain_activation_checkpointing(model):
+    """transformers' own set-up, without the recompute context of model.compat's."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+@pytest.mark.parametrize("set_up_by", ["compat", "transformers"])
+def test_torch_varlen_under_activation_checkpointing(tiny_tokenizer, reference_varlen, set_up_by):
+    """The backward recomputes checkpointed layers after the body call. Set up by enable_activation_checkpointing,
+    the recompute runs varlen again (log-probs and gradients equal padded SDPA's); set up any other way, the
+    recompute would run plain SDPA and attend across the packed sequences, so scoring pads instead."""
+    from model.compat import enable_activation_checkpointing
+    from model.tiny import tiny_model
+    ref = reference_varlen("torch_2_13")
+    model = tiny_model(tiny_tokenizer, arch="qwen2", seed=int(torch.randint(0, 2**31, ()))).double().train()
+    prompts, completions = random_batch(model.config.vocab_size, [3, 6, 2], [4, 5, 7])
+    weights = torch.randn(16, dtype=torch.float64)
+    padded = _logp_and_grads(model, functools.partial(completion_logprobs, pack=False), prompts, completions, weights)
+    assert ref.calls == []
+    if set_up_by == "compat":
+        enable_activation_checkpointing(model)
+    else:
+        _plain_activation_checkpointing(model)
+    model.train()
+    layers = model.config.num_hidden_layers
+    checkpointed = _logp_and_grads(model, completion_logprobs, prompts, completions, weights)
+    # forward + the backward's recompute of each layer, or nothing when it pads
+    assert len(ref.calls) == (2 * layers if set_up_by == "compat" else 0)
+    assert model.config._attn_implementation == "sdpa"
+    torch.testing.assert_close(checkpointed[0], padded[0], rtol=0, atol=1e-10)
+    torch.testing.assert_close(checkpointed[1], padded[1], rtol=0, atol=1e-10)
+    for name, grad in padded[2].items():
+        torch.testing.assert_close(checkpointed[2][name], grad, rtol=1e-9, atol=1e-10)
+
+
+def test_why_torch_varlen_is_not_used(tiny_tokenizer, monkeypatch):
+    """The start-up line names the varlen path, or says why scoring pads."""
+    from model import varlen
+    from model.score import describe_attention
+    from model.tiny import tiny_model
+    model = tiny_model(tiny_tokenizer, arch="qwen2")
+    assert describe_attention(model, torch.bfloat16) == "sdpa, padded scoring"  # CPU: no varlen kernels
+    assert varlen.unavailable_reason(model, torch.bfloat16) == "not on CUDA"
+    monkeypatch.setattr(varlen, "DEVICE_TYPES", ("cuda", "cpu"))
+    monkeypatch.setattr(varlen, "varlen_attn", ReferenceVarlen().torch_2_13)
+    assert describe_attention(model, torch.bfloat16) == "varlen (torch), packed scoring (no padding)"
+    assert describe_attention(model, torch.float32) == \
+        "sdpa, padded scoring (flash-attn not installed; no torch varlen: float32 compute; its kernels take bf16/fp16)"
+    monkeypatch.setattr(varlen, "varlen_attn", None)
+    assert "no torch varlen: this torch has no torch.nn.attention.varlen" in describe_attention(model, torch.bfloat16)
+    monkeypatch.setattr(varlen, "varlen_attn", lambda query, key, value, cu_seq_q, cu_seq_k, max_q, max_k: query)
+    assert varlen.unavailable_reason(model, torch.bfloat16) == "this torch's varlen_attn takes no causal flag"
+    monkeypatch.setattr(varlen, "varlen_attn", ReferenceVarlen().torch_2_10)
+    sliding = tiny_model(tiny_tokenizer, arch="qwen2")
+    sliding.config.layer_types = ["sliding_attention", "full_attention"]
+    assert varlen.unavailable_reason(sliding, torch.float16) == "the model has sliding-window layers"
+    monkeypatch.setattr(varlen, "varlen_attn", ReferenceVarlen().torch_2_13)
+    _plain_activation_checkpointing(model)
+    assert describe_attention(model, torch.bfloat16) == "varlen (torch), packed scoring (no padding); padded under " \
+        "this activation checkpointing (its recompute would run plain SDPA)"
+    from model.compat import enable_activation_checkpointing
+    enable_activation_checkpointing(model)
+    assert describe_attention(model, torch.bfloat16) == "varlen (torch), packed scoring (no padding)"
+    model.config._attn_implementation = "flash_attention_2"
+    assert describe_attention(model, torch.bfloat16) == "flash_attention_2, packed scoring (no padding)"
+
+
+def test_the_varlen_attention_refuses_calls_outside_packed_scoring(tiny_tokenizer, monkeypatch):
+    from model import varlen
+    from model.tiny import tiny_model
+    model = tiny_model(tiny_tokenizer)
+    varlen.register()
+    with varlen.attention_implementation(model.config, varlen.VARLEN_ATTN):
+        with pytest.raises(ValueError, match="needs cu_seq_lens_q"):
+            model(torch.tensor([[3, 4, 5]]))
+    assert model.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_torch_varlen_packed_bf16_matches_padded_sdpa_on_cuda(tiny_tokenizer):
+    """Qwen-shaped (GQA 4:2, head dim 32) random model on CUDA: packed scoring through torch's varlen_attn (chosen
+    by pack=None with SDPA) against padded SDPA, in pure bf16 and under bf16 autocast over fp32 weights."""
+    from model import varlen
+    from model.load import autocast_to
+    from model.tiny import tiny_model
+    assert varlen.varlen_attn is not None, "this torch has no torch.nn.attention.varlen.varlen_attn (needs >= 2.10)"
+    model = tiny_model(tiny_tokenizer, arch="qwen2", tie=False, hidden=128, heads=4, kv_heads=2,
+                       seed=int(torch.randint(0, 2**31, ()))).to("cuda").train()
+    model.set_attn_implementation("sdpa")
+    prompts, completions = random_batch(model.config.vocab_size, [37, 5, 80, 1, 13], [20, 64, 3, 9, 0])
+    weights = torch.randn(sum(len(c) for c in completions), device="cuda")
+    calls = []
+    real = varlen.varlen_attention_forward
+    varlen.varlen_attention_forward = lambda *a, **k: calls.append(1) or real(*a, **k)
+    try:
+        for mode in ("bf16 weights", "autocast"):
+            if mode == "bf16 weights":
+                model.to(torch.bfloat16)
+            else:
+                model.float()
+            results = {}
+            for pack in (False, None):
+                model.zero_grad()
+                with autocast_to(torch.bfloat16 if mode == "autocast" else torch.float32, torch.device("cuda")):
+                    logp, entropy, _ = completion_logprobs(model, prompts, completions, pack=pack)
+                (logp.float() * weights).sum().backward()
+                results[pack] = logp.float(), entropy.float(), \
+                    {n: p.grad.float() for n, p in model.named_parameters()}
+            assert len(calls) == model.config.num_hidden_layers, mode  # packed went through varlen_attn
+            calls.clear()
+            torch.testing.assert_close(results[None][0], results[False][0], rtol=0, atol=5e-2)
+            torch.testing.assert_close(results[None][1], results[False][1], rtol=0, atol=5e-2)
+            for name, grad in results[False][2].items():
+                scale = grad.abs().max().clamp_min(1e-6)
+                assert (results[None][2][name] - grad).abs().max() / scale < 5e-2, (mode, name)
+            assert model.config._attn_implementation == "sdpa"
+    finally:
+        varlen.varlen_attention_forward = real
