@@ -129,11 +129,19 @@ def completion_logprobs(model, prompt_ids: list[list[int]], completion_ids: list
 
 
 def shared_prompt_logprobs(model, prompt_ids: list[list[int]], completion_ids: list[list[int]],
-                           temperature: float = 1.0, with_entropy: bool = True, vocab_size: int | None = None):
+                           temperature: float = 1.0, with_entropy: bool = True, vocab_size: int | None = None,
+                           segment_tokens: int = 0):
     """Same result as `completion_logprobs`, but each run of consecutive completions that share a prompt (a GRPO
     group) runs the prompt through the body once: its KV cache is repeated for the group's completions, and
     gradients flow back through the cache into the prompt's single forward. With prompts of ~300 tokens and
     completions of ~60, a group of 8 costs ~780 token-forwards instead of ~2900.
+
+    segment_tokens > 0 bounds the activation memory of a forward with gradients: each prompt, and each chunk of
+    its group's completions of at most `segment_tokens` tokens (rows x the chunk's longest completion; at least one
+    row), runs as a separate recomputed segment (torch.utils.checkpoint): only the segments' outputs (the prompt's
+    KV cache, the completions' last hidden states) are kept, and the backward recomputes one segment at a time.
+    That costs one more forward of the body; the result and the gradients are the same. Without gradients (the
+    scoring passes) there is nothing to keep and segments are not used.
     Returns (logp [N], entropy [N] or None, lengths), tokens in the order of the inputs."""
     _check(prompt_ids, completion_ids)
     body = _body(model)
@@ -143,6 +151,7 @@ def shared_prompt_logprobs(model, prompt_ids: list[list[int]], completion_ids: l
         return completion_logprobs(model, prompt_ids, completion_ids, temperature, with_entropy,
                                    vocab_size=vocab_size)
     device = _device(model)
+    segmented = segment_tokens > 0 and torch.is_grad_enabled()
     hidden_parts = []
     i = 0
     while i < len(prompt_ids):
@@ -151,26 +160,18 @@ def shared_prompt_logprobs(model, prompt_ids: list[list[int]], completion_ids: l
             j += 1
         prompt = torch.tensor(prompt_ids[i], dtype=torch.long, device=device)[None]  # [1, Tp]
         group = completion_ids[i:j]
-        k, Tp, Tc = j - i, prompt.shape[1], max(len(c) for c in group)
-        if Tc == 0:
+        if max(len(c) for c in group) == 0:
             i = j
             continue
-        out = body(input_ids=prompt, use_cache=True)
-        cache = returned_cache(body, out)
-        cache.batch_repeat_interleave(k)  # [k, heads, Tp, d] per layer, still in the autograd graph
-        ids = torch.zeros(k, Tc, dtype=torch.long, device=device)
-        comp_mask = torch.zeros(k, Tc, dtype=torch.long, device=device)
-        for r, c in enumerate(group):
-            ids[r, :len(c)] = torch.tensor(c, dtype=torch.long, device=device)
-            comp_mask[r, :len(c)] = 1
-        attention_mask = torch.cat([torch.ones(k, Tp, dtype=torch.long, device=device), comp_mask], dim=1)
-        position_ids = (Tp + torch.arange(Tc, device=device))[None].expand(k, -1)
-        comp_hidden = body(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids,
-                           use_cache=True, **cache_kwargs(body, cache)).last_hidden_state  # [k, Tc, H]
-        last_prompt = out.last_hidden_state[0, -1]  # predicts every completion's first token
-        for r, c in enumerate(group):
-            if c:
-                hidden_parts.append(torch.cat([last_prompt[None], comp_hidden[r, :len(c) - 1]], dim=0))
+        last_prompt, prompt_kv = _run_segment(segmented, _prompt_segment, body, prompt)
+        chunks = _completion_chunks([len(c) for c in group], segment_tokens if segmented else 0)
+        for rows in chunks:
+            comp_hidden = _run_segment(segmented, _completion_segment, body, prompt.shape[1],
+                                       [group[r] for r in rows], *prompt_kv)  # [k, Tc, H]
+            for k, r in enumerate(rows):
+                c = group[r]
+                if c:  # the prompt's last hidden state predicts every completion's first token
+                    hidden_parts.append(torch.cat([last_prompt[None], comp_hidden[k, :len(c) - 1]], dim=0))
         i = j
     targets = torch.tensor([t for c in completion_ids for t in c], dtype=torch.long, device=device)
     if not hidden_parts:
@@ -181,15 +182,74 @@ def shared_prompt_logprobs(model, prompt_ids: list[list[int]], completion_ids: l
     return logp, entropy, [len(c) for c in completion_ids]
 
 
+def _run_segment(segmented: bool, fn, *args):
+    """fn(*args), as a recomputed segment (its activations rebuilt in the backward) when `segmented`."""
+    if not segmented:
+        return fn(*args)
+    from torch.utils.checkpoint import checkpoint
+
+    return checkpoint(fn, *args, use_reentrant=False)
+
+
+def _prompt_segment(body, prompt: torch.Tensor):
+    """One prompt [1, Tp] through the body: (its last hidden state [H], its KV cache as a flat tuple of tensors
+    (keys and values of each layer), so that it can cross a checkpoint boundary)."""
+    out = body(input_ids=prompt, use_cache=True)
+    cache = returned_cache(body, out)
+    kv = tuple(t for layer in cache.layers for t in (layer.keys, layer.values))
+    return out.last_hidden_state[0, -1], kv
+
+
+def _completion_segment(body, prompt_len: int, completions: list[list[int]], *prompt_kv):
+    """Completions of one prompt [k, Tc] (right-padded) through the body on a copy of the prompt's KV cache repeated
+    k times: the last hidden states [k, Tc, H]. A fresh cache per call, so a recomputation appends to its own."""
+    from transformers import DynamicCache
+
+    device = prompt_kv[0].device
+    k, Tc = len(completions), max(len(c) for c in completions)
+    cache = DynamicCache(config=body.config)
+    for layer in range(len(prompt_kv) // 2):
+        cache.update(prompt_kv[2 * layer], prompt_kv[2 * layer + 1], layer)
+    cache.batch_repeat_interleave(k)  # [k, heads, Tp, d] per layer, in the autograd graph
+    ids = torch.zeros(k, Tc, dtype=torch.long, device=device)
+    comp_mask = torch.zeros(k, Tc, dtype=torch.long, device=device)
+    for r, c in enumerate(completions):
+        ids[r, :len(c)] = torch.tensor(c, dtype=torch.long, device=device)
+        comp_mask[r, :len(c)] = 1
+    attention_mask = torch.cat([torch.ones(k, prompt_len, dtype=torch.long, device=device), comp_mask], dim=1)
+    position_ids = (prompt_len + torch.arange(Tc, device=device))[None].expand(k, -1)
+    return body(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
+                **cache_kwargs(body, cache)).last_hidden_state
+
+
+def _completion_chunks(lengths: list[int], segment_tokens: int) -> list[list[int]]:
+    """The rows of a group with a non-empty completion, consecutive, cut into chunks of at most segment_tokens
+    tokens (rows x the chunk's longest completion; a longer row goes alone; 0 = one chunk)."""
+    rows = [r for r, n in enumerate(lengths) if n > 0]
+    if not segment_tokens:
+        return [rows]
+    chunks: list[list[int]] = []
+    longest = 0
+    for r in rows:
+        if chunks and max(longest, lengths[r]) * (len(chunks[-1]) + 1) <= segment_tokens:
+            chunks[-1].append(r)
+            longest = max(longest, lengths[r])
+        else:
+            chunks.append([r])
+            longest = lengths[r]
+    return chunks
+
+
 class PolicyScorer(torch.nn.Module):
     """Per-token log-probs (and detached entropies) of completions under a policy, as a module: DDP's gradient
     all-reduce and FSDP's unshard/reshard hooks need the training forward to go through a module's forward."""
 
     def __init__(self, policy, vocab_size: int, share_prompt_kv: bool = True,
-                 compute_dtype: torch.dtype = torch.float32):
+                 compute_dtype: torch.dtype = torch.float32, segment_tokens: int = 0):
         super().__init__()
         self.policy, self.vocab_size, self.share_prompt_kv = policy, vocab_size, share_prompt_kv
         self.compute_dtype = compute_dtype  # below fp32: the forward runs under autocast (mixed precision)
+        self.segment_tokens = segment_tokens  # shared-prompt forwards with gradients: see shared_prompt_logprobs
 
     def forward(self, prompts, completions, *, temperature: float = 1.0, with_entropy: bool = False,
                 grouped: bool = False):
@@ -197,7 +257,7 @@ class PolicyScorer(torch.nn.Module):
         with autocast_to(self.compute_dtype, next(self.policy.parameters()).device):
             if grouped and self.share_prompt_kv:
                 return shared_prompt_logprobs(self.policy, prompts, completions, temperature, with_entropy,
-                                              self.vocab_size)
+                                              self.vocab_size, self.segment_tokens)
             return completion_logprobs(self.policy, prompts, completions, temperature, with_entropy,
                                        vocab_size=self.vocab_size)
 
