@@ -481,7 +481,8 @@ def bench_trl(argv):
     model in fp32, the prompts train.py takes at seed 0 (the easy default training records, in the trainer's
     order), 2 prompts x G=8, 128 new tokens, temperature 0.7 (top-p 1, no top-k), beta 0.001, lr 2e-5 constant,
     AdamW betas (0.9, 0.99), gradient clipping at 1, token-mean loss, group-std advantages, the same reward, and
-    no gradient checkpointing (train.py's default; TRL's own default turns it on). Seconds per step are from the
+    TRL's default gradient checkpointing (train.py recomputes its update's activations too, in segments of
+    --segment-tokens; --gradient-checkpointing off keeps all of TRL's activations). Seconds per step are from the
     start of a step (before its generation) to its end (after the optimizer step), the first step not counted, as
     in `step`; peak memory is the training process's peak resident set (ru_maxrss of the child process, loading
     included), as in `step`. TRL is not a dependency of this project: pip install trl datasets (a separate
@@ -493,7 +494,7 @@ def bench_trl(argv):
     ap = argparse.ArgumentParser(prog="python -m eval.bench trl")
     ap.add_argument("--steps", type=int, default=3, help="steps to run; the first is not counted")
     ap.add_argument("--max-new-tokens", type=int, default=128)
-    ap.add_argument("--gradient-checkpointing", action="store_true", help="TRL's default (off in train.py)")
+    ap.add_argument("--gradient-checkpointing", choices=["on", "off"], default="on", help="TRL's default: on")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # internal: the training process
     args = ap.parse_args(argv)
     if args.steps < 2:
@@ -507,7 +508,7 @@ def bench_trl(argv):
     except ImportError as e:
         raise SystemExit(f"this comparison needs TRL ({e}): pip install trl datasets")
     cmd = [sys.executable, "-m", "eval.bench", "trl", "--worker", "--steps", str(args.steps), "--max-new-tokens",
-           str(args.max_new_tokens)] + (["--gradient-checkpointing"] if args.gradient_checkpointing else [])
+           str(args.max_new_tokens), "--gradient-checkpointing", args.gradient_checkpointing]
     print("$ " + " ".join(cmd), flush=True)
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
     if proc.returncode != 0:
@@ -573,7 +574,7 @@ def _trl_worker(args) -> dict:
                             temperature=s["temperature"], top_p=1.0, top_k=0, learning_rate=s["lr"],
                             lr_scheduler_type="constant", adam_beta1=0.9, adam_beta2=0.99, weight_decay=0.0,
                             max_grad_norm=1.0, loss_type="dapo", scale_rewards="group", num_iterations=1,
-                            gradient_checkpointing=args.gradient_checkpointing, shuffle_dataset=False,
+                            gradient_checkpointing=args.gradient_checkpointing == "on", shuffle_dataset=False,
                             max_steps=args.steps, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
                             bf16=False, seed=s["seed"])
         # an explicit fingerprint: datasets' default hashing of the table fails with some pyarrow/dill versions
