@@ -97,6 +97,12 @@ class Config:
     micro_batch_tokens: int = 0  # tokens per scoring/update micro-batch, gradients accumulated (0 = no limit)
     sampler_token_budget: int = 65536  # tokens (batch x (prompt + new)) per generate call; bounds memory
     share_prompt_kv: bool = True  # score a group's prompt once for its G completions (its KV cache; not under fsdp)
+    # segment_tokens: with shared prompts, the update's forward runs each prompt and each chunk of at most N
+    # completion tokens as a segment whose activations the backward recomputes, one segment at a time. Why 256: the
+    # default step (2 x 8 completions of up to 128 tokens after ~300-token prompts, fp32) kept ~5.5 GB
+    # of activations for one backward (peak RSS 8.1 GB over ~2.7 GB of weights, reference, gradients and AdamW
+    # state); with 256 it stays under 4 GB, for one more forward of the body in the update.
+    segment_tokens: int = 256  # update: recompute activations per prompt / N completion tokens (0 = keep them all)
     # --- evaluation, logging, checkpoints ---
     eval_every: int = 0  # evaluate every N RL steps (0 = only before and after training)
     eval_limit: int = 40  # held-out records per evaluation (greedy; 0 = no evaluation)
@@ -139,6 +145,7 @@ class Config:
             (self.max_refill_rounds >= 0, "max_refill_rounds must be >= 0"),
             (self.sampler_token_budget >= 1, "sampler_token_budget must be >= 1"),
             (self.micro_batch_tokens >= 0, "micro_batch_tokens must be >= 0 (0 = no limit)"),
+            (self.segment_tokens >= 0, "segment_tokens must be >= 0 (0 = no recomputed segments)"),
             (min(self.eval_every, self.eval_limit, self.sample_every, self.save_every) >= 0,
              "eval_every, eval_limit, sample_every and save_every must be >= 0"),
             (self.eval_bfcl_limit >= 1, "eval_bfcl_limit must be >= 1"),
@@ -224,7 +231,7 @@ def main(argv=None):
     vocab_size = real_vocab_size(tokenizer, policy)  # never score head rows the sampler cannot emit
     # Under FSDP every layer call is a collective, so a forward must call each layer equally often on every rank:
     # the shared-prompt path calls the body twice per group, and ranks hold different numbers of groups.
-    scorer = PolicyScorer(policy, vocab_size, cfg.share_prompt_kv and not cfg.fsdp, compute_dtype)
+    scorer = PolicyScorer(policy, vocab_size, cfg.share_prompt_kv and not cfg.fsdp, compute_dtype, cfg.segment_tokens)
     train_scorer = wrap_for_training(scorer, policy, cfg.fsdp, d, device, compute_dtype)
     n_params = sum(p.numel() for p in policy.parameters())
     log(f"[train] {describe_paths(policy, compute_dtype, cfg.fsdp)}")

@@ -412,10 +412,24 @@ def _train_subprocess(args: list[str], out_dir: str) -> list[dict]:
     return [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
+def _children_peak_rss_gb() -> float:
+    """The largest peak resident set (ru_maxrss) of the child processes this process has waited for, in GiB.
+    `step` and `trl` each run their training in one child process and read this after it ends, so both report
+    the same thing: the training process's high-water mark, model loading and everything else included."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20  # KiB -> GiB
+
+
+# The settings `step` runs train.py at, and `trl` runs TRL's GRPOTrainer at.
+STEP_SETTINGS = dict(prompts_per_step=2, group_size=8, kl_coef=0.001, temperature=0.7, lr=2e-5, seed=0)
+
+
 def bench_step(argv):
     """Seconds per GRPO step and its split, at fixed settings: the default model on CPU, 2 prompts x G=8,
-    128 new tokens, KL 0.001 (reference model loaded), no warm-up; the first step is excluded (warm-up of
-    allocators and caches)."""
+    128 new tokens, KL 0.001 (reference model loaded), no warm-up, the trainer's other defaults; the first step is
+    excluded (warm-up of allocators and caches). Peak memory: the training process's peak resident set
+    (ru_maxrss of the child process, loading included), measured the same way as `trl`'s."""
     import argparse
     import tempfile
 
@@ -425,19 +439,25 @@ def bench_step(argv):
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--extra", default="", help="more train.py flags, e.g. '--share-prompt-kv false'")
     args = ap.parse_args(argv)
+    s = STEP_SETTINGS
     with tempfile.TemporaryDirectory() as tmp:
         rows = _train_subprocess(["--model", args.model, "--steps", str(args.steps), "--sft-steps", "0",
-                                  "--prompts-per-step", "2", "--group-size", "8", "--max-new-tokens",
-                                  str(args.max_new_tokens), "--kl-coef", "0.001", "--eval-limit", "0",
-                                  "--save-every", "0", "--sample-every", "0", *args.extra.split()], tmp)
+                                  "--prompts-per-step", str(s["prompts_per_step"]), "--group-size",
+                                  str(s["group_size"]), "--max-new-tokens", str(args.max_new_tokens), "--kl-coef",
+                                  str(s["kl_coef"]), "--temperature", str(s["temperature"]), "--lr", str(s["lr"]),
+                                  "--seed", str(s["seed"]), "--eval-limit", "0", "--save-every", "0",
+                                  "--sample-every", "0", *args.extra.split()], tmp)
+    peak_rss = _children_peak_rss_gb()
     steps = [r for r in rows if r.get("phase") == "rl"][1:]
     if not steps:
         raise SystemExit("need --steps >= 2 (the first step is not counted)")
     mean = lambda k: sum(r[k] for r in steps) / len(steps)  # noqa: E731
     result = {"steps_counted": len(steps), "sec_per_step": mean("time_step"), "sample_s": mean("time_sample"),
               "score_s": mean("time_score"), "update_s": mean("time_update"),
-              "resp_len_mean": mean("resp_len_mean"), "peak_mem_gb": max(r["peak_mem_gb"] for r in steps),
-              "settings": f"{args.model}, 2 prompts x G=8, {args.max_new_tokens} new tokens, beta 0.001"}
+              "resp_len_mean": mean("resp_len_mean"), "peak_rss_gb": peak_rss,
+              "peak_rss_gb_at_last_step": max(r["peak_mem_gb"] for r in steps),
+              "settings": f"{args.model}, 2 prompts x G=8, {args.max_new_tokens} new tokens, beta 0.001"
+                          + (f", {args.extra}" if args.extra else "")}
     print_table([{"metric": k, "value": v} for k, v in result.items()], ["metric", "value"])
     return result
 
@@ -487,31 +507,75 @@ def bench_learn(argv):
 
 
 def bench_trl(argv):
-    """Hugging Face TRL's GRPOTrainer at `step`'s settings (2 prompts x G=8, 128 new tokens, beta 0.001, temperature
-    0.7, lr 2e-5, fp32, the same prompts and reward), for a side-by-side comparison on one machine. TRL is not a
-    dependency of this project: pip install trl datasets (a separate environment is best)."""
+    """Hugging Face TRL's GRPOTrainer at `step`'s settings, for a side-by-side comparison on one machine: the default
+    model in fp32, the prompts train.py takes at seed 0 (the easy default training records, in the trainer's
+    order), 2 prompts x G=8, 128 new tokens, temperature 0.7 (top-p 1, no top-k), beta 0.001, lr 2e-5 constant,
+    AdamW betas (0.9, 0.99), gradient clipping at 1, token-mean loss, group-std advantages, the same reward, and
+    TRL's default gradient checkpointing (train.py recomputes its update's activations too, in segments of
+    --segment-tokens; --gradient-checkpointing off keeps all of TRL's activations). Seconds per step are from the
+    start of a step (before its generation) to its end (after the optimizer step), the first step not counted, as
+    in `step`; peak memory is the training process's peak resident set (ru_maxrss of the child process, loading
+    included), as in `step`. TRL is not a dependency of this project: pip install trl datasets (a separate
+    environment is best)."""
     import argparse
-    import resource
-    import tempfile
+    import os
+    import subprocess
 
     ap = argparse.ArgumentParser(prog="python -m eval.bench trl")
     ap.add_argument("--steps", type=int, default=3, help="steps to run; the first is not counted")
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--gradient-checkpointing", choices=["on", "off"], default="on", help="TRL's default: on")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # internal: the training process
     args = ap.parse_args(argv)
+    if args.steps < 2:
+        raise SystemExit("need --steps >= 2 (the first step is not counted)")
+    if args.worker:
+        print(json.dumps(_trl_worker(args)))
+        return None
     try:
-        import pyarrow as pa
-        import trl
-        from datasets import Dataset
-        from transformers import TrainerCallback
-        from trl import GRPOConfig, GRPOTrainer
+        import trl  # noqa: F401
+        import datasets  # noqa: F401
     except ImportError as e:
         raise SystemExit(f"this comparison needs TRL ({e}): pip install trl datasets")
+    cmd = [sys.executable, "-m", "eval.bench", "trl", "--worker", "--steps", str(args.steps), "--max-new-tokens",
+           str(args.max_new_tokens), "--gradient-checkpointing", args.gradient_checkpointing]
+    print("$ " + " ".join(cmd), flush=True)
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    if proc.returncode != 0:
+        raise SystemExit(f"the TRL training process failed (exit status {proc.returncode}); its errors are above")
+    worker = json.loads(proc.stdout.strip().splitlines()[-1])
+    times, lengths = worker["step_seconds"], worker["resp_len_mean"]
+    result = {"steps_counted": len(times) - 1, "sec_per_step": sum(times[1:]) / (len(times) - 1),
+              "resp_len_mean": sum(lengths[1:]) / max(len(lengths) - 1, 1) if len(lengths) > 1 else None,
+              "peak_rss_gb": _children_peak_rss_gb(), "trl": worker["trl"],
+              "gradient_checkpointing": args.gradient_checkpointing,
+              "settings": f"smollm2-135m, 2 prompts x G=8, {args.max_new_tokens} new tokens, beta 0.001"}
+    print_table([{"metric": k, "value": v} for k, v in result.items()], ["metric", "value"])
+    return result
+
+
+def _trl_worker(args) -> dict:
+    """The TRL training process of bench_trl: per-step seconds and mean completion lengths."""
+    import tempfile
+
+    import pyarrow as pa
+    import trl
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
     from data.calls import PromptFormat, render_prompt
     from data.default import load_default
     from model.load import load
     from rl.reward import reward
+    from rl.rollout import PromptCursor
 
+    s = STEP_SETTINGS
     model, tokenizer = load("smollm2-135m", dtype="float32")
-    records = [r for r in load_default("train") if r.get("difficulty") == "easy"][:64]
+    # the records train.py takes at this seed (its default data, --difficulty easy), in the same order
+    records = [r for r in load_default("train") if r.get("difficulty", "easy") == "easy"]
+    cursor = PromptCursor(records, s["seed"])
+    records = cursor.take(s["prompts_per_step"] * args.steps)
     prompt_format = PromptFormat(answer_format="think", tools_as="python", prefill="<think>")
     prompts = [render_prompt(tokenizer, r["messages"], r["tools"], prompt_format) for r in records]
     record_of = dict(zip(prompts, records))
@@ -520,31 +584,34 @@ def bench_trl(argv):
         return [reward(prompt_format.prefill + c, record_of[p], answer_format=prompt_format.answer_format)[0]
                 for p, c in zip(prompts, completions)]
 
-    times = []
+    times, lengths = [], []
 
     class StepTimer(TrainerCallback):
         def on_step_begin(self, *_, **__):
-            self.start = time.time()
+            self.start = time.perf_counter()
 
         def on_step_end(self, *_, **__):
-            times.append(time.time() - self.start)
+            times.append(time.perf_counter() - self.start)
 
+        def on_log(self, _args, _state, _control, logs=None, **__):
+            if logs and "completions/mean_length" in logs:
+                lengths.append(logs["completions/mean_length"])
+
+    G = s["group_size"]
     with tempfile.TemporaryDirectory() as tmp:
-        config = GRPOConfig(output_dir=tmp, per_device_train_batch_size=16, num_generations=8,
-                            max_completion_length=128, beta=0.001, temperature=0.7, learning_rate=2e-5,
+        config = GRPOConfig(output_dir=tmp, per_device_train_batch_size=s["prompts_per_step"] * G, num_generations=G,
+                            max_completion_length=args.max_new_tokens, beta=s["kl_coef"],
+                            temperature=s["temperature"], top_p=1.0, top_k=0, learning_rate=s["lr"],
+                            lr_scheduler_type="constant", adam_beta1=0.9, adam_beta2=0.99, weight_decay=0.0,
+                            max_grad_norm=1.0, loss_type="dapo", scale_rewards="group", num_iterations=1,
+                            gradient_checkpointing=args.gradient_checkpointing == "on", shuffle_dataset=False,
                             max_steps=args.steps, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
-                            bf16=False, seed=0)
+                            bf16=False, seed=s["seed"])
         # an explicit fingerprint: datasets' default hashing of the table fails with some pyarrow/dill versions
         dataset = Dataset(pa.table({"prompt": prompts}), fingerprint="bench-trl")
         GRPOTrainer(model=model, reward_funcs=reward_fn, args=config, train_dataset=dataset,
                     processing_class=tokenizer, callbacks=[StepTimer()]).train()
-    if len(times) < 2:
-        raise SystemExit("need --steps >= 2 (the first step is not counted)")
-    result = {"steps_counted": len(times) - 1, "sec_per_step": sum(times[1:]) / (len(times) - 1),
-              "peak_mem_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-              "trl": trl.__version__}
-    print_table([{"metric": k, "value": v} for k, v in result.items()], ["metric", "value"])
-    return result
+    return {"step_seconds": times, "resp_len_mean": lengths, "trl": trl.__version__}
 
 
 def bench_checker(argv):

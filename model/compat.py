@@ -34,12 +34,21 @@ def returned_cache(model, output):
     return getattr(output, _cache_keyword(type(model)))
 
 
-def fork_cache(cache, config):
-    """A new DynamicCache starting from `cache`'s keys and values: appending to it leaves `cache` as it was (the
-    appends concatenate into new tensors), so several continuations can share one prefix, gradients included."""
+def cache_tensors(cache) -> tuple:
+    """The keys and values of every layer of a DynamicCache, flat (k0, v0, k1, v1, ...): plain tensors, which can
+    cross a checkpoint boundary."""
+    return tuple(t for layer in cache.layers for t in (layer.keys, layer.values))
+
+
+def cache_from_tensors(kv: tuple, config):
+    """A new DynamicCache holding `kv` (as cache_tensors returns them). Appending to it concatenates into new
+    tensors and leaves `kv` as they were, so several continuations can share one prefix, gradients included."""
     from transformers import DynamicCache
 
-    return DynamicCache(ddp_cache_data=[(k, v) for k, v, *_ in cache], config=config)
+    cache = DynamicCache(config=config)
+    for layer in range(len(kv) // 2):
+        cache.update(kv[2 * layer], kv[2 * layer + 1], layer)
+    return cache
 
 
 class SameAttentionOnRecompute:

@@ -21,8 +21,8 @@ import contextlib
 import torch
 
 from model import varlen
-from model.compat import (activation_checkpointing_on, cache_kwargs, fork_cache, recomputes_with_forward_attention,
-                          returned_cache)
+from model.compat import (activation_checkpointing_on, cache_from_tensors, cache_kwargs, cache_tensors,
+                          recomputes_with_forward_attention, returned_cache)
 from model.kernels import logprob_entropy
 from model.load import autocast_to
 
@@ -155,12 +155,20 @@ def completion_logprobs(model, prompt_ids: list[list[int]], completion_ids: list
 
 
 def shared_prompt_logprobs(model, prompt_ids: list[list[int]], completion_ids: list[list[int]],
-                           temperature: float = 1.0, with_entropy: bool = True, vocab_size: int | None = None):
+                           temperature: float = 1.0, with_entropy: bool = True, vocab_size: int | None = None,
+                           segment_tokens: int = 0):
     """Same result as `completion_logprobs`, but each run of consecutive completions that share a prompt (a GRPO
     group) runs the prompt through the body once: its KV cache is repeated for the group's completions, and
     gradients flow back through the cache into the prompt's single forward. With prompts of ~300 tokens and
     completions of ~60, a group of 8 costs ~780 token-forwards instead of ~2900. A prefix that all the prompts
     share (the system prompt's instructions, ~200 tokens on the default data) runs once for all groups.
+
+    segment_tokens > 0 bounds the activation memory of a forward with gradients: the shared prefix, each prompt's
+    rest, and each chunk of its group's completions of at most `segment_tokens` tokens (rows x the chunk's longest
+    completion; at least one row) run as separate recomputed segments (torch.utils.checkpoint): only the segments'
+    outputs (KV caches, the completions' last hidden states) are kept, and the backward recomputes one segment at
+    a time. That costs one more forward of the body; the result and the gradients are the same. Without gradients
+    (the scoring passes) there is nothing to keep and segments are not used.
     Returns (logp [N], entropy [N] or None, lengths), tokens in the order of the inputs."""
     from model.sample import MIN_SHARED_PREFIX, shared_prefix_length
 
@@ -172,6 +180,7 @@ def shared_prompt_logprobs(model, prompt_ids: list[list[int]], completion_ids: l
         return completion_logprobs(model, prompt_ids, completion_ids, temperature, with_entropy,
                                    vocab_size=vocab_size)
     device = _device(model)
+    segmented = segment_tokens > 0 and torch.is_grad_enabled()
     groups = []  # (first, end) of each run of completions with one prompt
     i = 0
     while i < len(prompt_ids):
@@ -181,38 +190,26 @@ def shared_prompt_logprobs(model, prompt_ids: list[list[int]], completion_ids: l
         if any(completion_ids[i:j]):
             groups.append((i, j))
         i = j
-    prefix_len, prefix_cache = 0, None
+    prefix_len, prefix_kv = 0, ()
     if len(groups) > 1:
         prefix_len = shared_prefix_length([prompt_ids[i] for i, _ in groups])
         prefix_len = prefix_len if prefix_len >= MIN_SHARED_PREFIX else 0
     if prefix_len:
         prefix = torch.tensor(prompt_ids[groups[0][0]][:prefix_len], dtype=torch.long, device=device)[None]
-        prefix_cache = returned_cache(body, body(input_ids=prefix, use_cache=True))
+        _, prefix_kv = _run_segment(segmented, _prompt_segment, body, prefix)
     hidden_parts = []
     for i, j in groups:
-        prompt = torch.tensor(prompt_ids[i], dtype=torch.long, device=device)[None]  # [1, Tp]
+        rest = torch.tensor(prompt_ids[i][prefix_len:], dtype=torch.long, device=device)[None]  # [1, Tp - prefix]
         group = completion_ids[i:j]
-        k, Tp, Tc = j - i, prompt.shape[1], max(len(c) for c in group)
-        if prefix_cache is not None:  # the rest of the prompt, after the shared prefix's cache
-            out = body(input_ids=prompt[:, prefix_len:], use_cache=True,
-                       **cache_kwargs(body, fork_cache(prefix_cache, body.config)))
-        else:
-            out = body(input_ids=prompt, use_cache=True)
-        cache = returned_cache(body, out)
-        cache.batch_repeat_interleave(k)  # [k, heads, Tp, d] per layer, still in the autograd graph
-        ids = torch.zeros(k, Tc, dtype=torch.long, device=device)
-        comp_mask = torch.zeros(k, Tc, dtype=torch.long, device=device)
-        for r, c in enumerate(group):
-            ids[r, :len(c)] = torch.tensor(c, dtype=torch.long, device=device)
-            comp_mask[r, :len(c)] = 1
-        attention_mask = torch.cat([torch.ones(k, Tp, dtype=torch.long, device=device), comp_mask], dim=1)
-        position_ids = (Tp + torch.arange(Tc, device=device))[None].expand(k, -1)
-        comp_hidden = body(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids,
-                           use_cache=True, **cache_kwargs(body, cache)).last_hidden_state  # [k, Tc, H]
-        last_prompt = out.last_hidden_state[0, -1]  # predicts every completion's first token
-        for r, c in enumerate(group):
-            if c:
-                hidden_parts.append(torch.cat([last_prompt[None], comp_hidden[r, :len(c) - 1]], dim=0))
+        last_prompt, prompt_kv = _run_segment(segmented, _prompt_segment, body, rest, *prefix_kv)
+        chunks = _completion_chunks([len(c) for c in group], segment_tokens if segmented else 0)
+        for rows in chunks:
+            comp_hidden = _run_segment(segmented, _completion_segment, body, len(prompt_ids[i]),
+                                       [group[r] for r in rows], *prompt_kv)  # [k, Tc, H]
+            for k, r in enumerate(rows):
+                c = group[r]
+                if c:  # the prompt's last hidden state predicts every completion's first token
+                    hidden_parts.append(torch.cat([last_prompt[None], comp_hidden[k, :len(c) - 1]], dim=0))
     targets = torch.tensor([t for c in completion_ids for t in c], dtype=torch.long, device=device)
     if not hidden_parts:
         return torch.zeros(0, device=device), (torch.zeros(0, device=device) if with_entropy else None), \
@@ -222,15 +219,70 @@ def shared_prompt_logprobs(model, prompt_ids: list[list[int]], completion_ids: l
     return logp, entropy, [len(c) for c in completion_ids]
 
 
+def _run_segment(segmented: bool, fn, *args):
+    """fn(*args), as a recomputed segment (its activations rebuilt in the backward) when `segmented`."""
+    if not segmented:
+        return fn(*args)
+    from torch.utils.checkpoint import checkpoint
+
+    return checkpoint(fn, *args, use_reentrant=False)
+
+
+def _prompt_segment(body, ids: torch.Tensor, *past_kv):
+    """Prompt tokens [1, T] through the body, after the KV cache `past_kv` of the tokens before them (none, or a
+    shared prefix's): (the last hidden state [H], the KV cache of the whole prompt as flat tensors, which can cross a
+    checkpoint boundary)."""
+    past = cache_kwargs(body, cache_from_tensors(past_kv, body.config)) if past_kv else {}
+    out = body(input_ids=ids, use_cache=True, **past)
+    return out.last_hidden_state[0, -1], cache_tensors(returned_cache(body, out))
+
+
+def _completion_segment(body, prompt_len: int, completions: list[list[int]], *prompt_kv):
+    """Completions of one prompt [k, Tc] (right-padded) through the body on a copy of the prompt's KV cache repeated
+    k times: the last hidden states [k, Tc, H]. A fresh cache per call, so a recomputation appends to its own."""
+    device = prompt_kv[0].device
+    k, Tc = len(completions), max(len(c) for c in completions)
+    cache = cache_from_tensors(prompt_kv, body.config)
+    cache.batch_repeat_interleave(k)  # [k, heads, Tp, d] per layer, in the autograd graph
+    ids = torch.zeros(k, Tc, dtype=torch.long, device=device)
+    comp_mask = torch.zeros(k, Tc, dtype=torch.long, device=device)
+    for r, c in enumerate(completions):
+        ids[r, :len(c)] = torch.tensor(c, dtype=torch.long, device=device)
+        comp_mask[r, :len(c)] = 1
+    attention_mask = torch.cat([torch.ones(k, prompt_len, dtype=torch.long, device=device), comp_mask], dim=1)
+    position_ids = (prompt_len + torch.arange(Tc, device=device))[None].expand(k, -1)
+    return body(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
+                **cache_kwargs(body, cache)).last_hidden_state
+
+
+def _completion_chunks(lengths: list[int], segment_tokens: int) -> list[list[int]]:
+    """The rows of a group with a non-empty completion, consecutive, cut into chunks of at most segment_tokens
+    tokens (rows x the chunk's longest completion; a longer row goes alone; 0 = one chunk)."""
+    rows = [r for r, n in enumerate(lengths) if n > 0]
+    if not segment_tokens:
+        return [rows]
+    chunks: list[list[int]] = []
+    longest = 0
+    for r in rows:
+        if chunks and max(longest, lengths[r]) * (len(chunks[-1]) + 1) <= segment_tokens:
+            chunks[-1].append(r)
+            longest = max(longest, lengths[r])
+        else:
+            chunks.append([r])
+            longest = lengths[r]
+    return chunks
+
+
 class PolicyScorer(torch.nn.Module):
     """Per-token log-probs (and detached entropies) of completions under a policy, as a module: DDP's gradient
     all-reduce and FSDP's unshard/reshard hooks need the training forward to go through a module's forward."""
 
     def __init__(self, policy, vocab_size: int, share_prompt_kv: bool = True,
-                 compute_dtype: torch.dtype = torch.float32):
+                 compute_dtype: torch.dtype = torch.float32, segment_tokens: int = 0):
         super().__init__()
         self.policy, self.vocab_size, self.share_prompt_kv = policy, vocab_size, share_prompt_kv
         self.compute_dtype = compute_dtype  # below fp32: the forward runs under autocast (mixed precision)
+        self.segment_tokens = segment_tokens  # shared-prompt forwards with gradients: see shared_prompt_logprobs
 
     def forward(self, prompts, completions, *, temperature: float = 1.0, with_entropy: bool = False,
                 grouped: bool = False):
@@ -238,7 +290,7 @@ class PolicyScorer(torch.nn.Module):
         with autocast_to(self.compute_dtype, next(self.policy.parameters()).device):
             if grouped and self.share_prompt_kv:
                 return shared_prompt_logprobs(self.policy, prompts, completions, temperature, with_entropy,
-                                              self.vocab_size)
+                                              self.vocab_size, self.segment_tokens)
             return completion_logprobs(self.policy, prompts, completions, temperature, with_entropy,
                                        vocab_size=self.vocab_size)
 

@@ -163,6 +163,49 @@ def test_shared_prompt_scoring_equals_plain_scoring(tiny_tokenizer, checkpointin
         torch.testing.assert_close(shared[2][name], plain[2][name], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("prefix", [0, 19])
+def test_segmented_shared_prompt_forward_gives_the_same_gradients_and_recomputes(tiny_tokenizer, prefix):
+    """segment_tokens bounds the training forward's activations: the prompt (after the prefix all prompts share,
+    a segment of its own) and chunks of its completions run as recomputed segments. Same log-probs, entropies and
+    gradients as one unsegmented forward; the body runs again in the backward (the recomputation), and not at all
+    without segments."""
+    from model.score import _completion_chunks, shared_prompt_logprobs
+    from model.tiny import tiny_model
+    model = tiny_model(tiny_tokenizer, seed=int(torch.randint(0, 2**31, ()))).train()
+    prompts_once, completions = random_batch(model.config.vocab_size, [6, 3, 8], [5, 3, 4, 1, 0, 6, 2, 7])
+    common = torch.randint(3, model.config.vocab_size, (prefix,)).tolist()
+    prompts_once = [common + p for p in prompts_once]
+    prompts = [prompts_once[0]] * 4 + [prompts_once[1]] * 3 + [prompts_once[2]]  # groups of 4, 3 and 1
+    prefix_calls = 1 if prefix else 0
+    assert _completion_chunks([5, 3, 4, 1], 8) == [[0], [1, 2], [3]]  # 5 | 2 x 4 | 1 (3 x 4 > 8)
+    assert _completion_chunks([0, 6, 2], 8) == [[1], [2]]  # the empty completion is in no chunk
+    weights = torch.randn(sum(len(c) for c in completions))
+    body_calls = []  # calls of the first decoder layer (the recomputation stops before the body's forward returns)
+    model.get_decoder().layers[0].register_forward_hook(lambda *_: body_calls.append(1))
+
+    def run(segment_tokens):
+        body_calls.clear()
+        def score(m, p, c, **kw):
+            return shared_prompt_logprobs(m, p, c, segment_tokens=segment_tokens, **kw)
+        out = _logp_and_grads(model, score, prompts, completions, weights)
+        return out, len(body_calls)
+
+    (whole, calls_whole), (segmented, calls_segmented) = run(0), run(8)
+    assert calls_whole == prefix_calls + 3 * 2  # (the prefix,) then per group: the prompt, its completions at once
+    # forward: (the prefix,) 3 prompts and 6 chunks; then the backward runs the segments again
+    assert calls_segmented > prefix_calls + 3 + 6, "the backward recomputed nothing"
+    torch.testing.assert_close(segmented[0], whole[0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(segmented[1], whole[1], rtol=0, atol=1e-5)
+    assert set(segmented[2]) == set(whole[2]) == {n for n, _ in model.named_parameters()}
+    for name in whole[2]:
+        torch.testing.assert_close(segmented[2][name], whole[2][name], rtol=1e-4, atol=1e-5)
+    with torch.no_grad():  # no gradients, nothing to keep: no segments
+        body_calls.clear()
+        lp, _, _ = shared_prompt_logprobs(model, prompts, completions, 0.7, False, segment_tokens=8)
+        assert len(body_calls) == prefix_calls + 6
+    torch.testing.assert_close(lp, whole[0], rtol=0, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Packed scoring through torch's varlen attention (model.varlen). Its kernels are CUDA-only, so on CPU varlen_attn
 # is replaced by a float64 reference under each calling convention torch has had, and the CUDA/bf16 gate is opened.
