@@ -517,7 +517,13 @@ def _grpo_step(ctx: Context, shape: str, layers: int | None) -> dict:
     seq_tokens = [len(p) + len(c) for p, c in zip(batch.prompts, batch.completions)]
     largest_micro = max(sizes.micro_batch_tokens, max(seq_tokens))  # a longer sequence goes alone
     per_token = max(memory.peak() - resting, 1) / largest_micro
+    # the memory model of eval.memory (python -m eval.memory's table) for the same shape, to compare
+    from eval.memory import _config, activation_bytes_per_token
+    from model.tiny import QWEN25_SHAPES
+    model_config = _config({**QWEN25_SHAPES[shape], **({"num_hidden_layers": layers} if layers else {})})
+    per_token_model = activation_bytes_per_token(model_config, cdtype, False)["per_token"]
     out = {**times, "peak_gib": peak / 2**30, "resting_gib": resting / 2**30, "bytes_per_micro_token": per_token,
+           "bytes_per_micro_token_model": per_token_model,
            "micro_batch_tokens_fit_est": int((0.9 * memory.total() - resting) / per_token),
            "sequences": len(batch), "prompt_tokens_mean": statistics.mean(len(p) for p in batch.prompts),
            "completion_tokens": sum(len(c) for c in batch.completions),
