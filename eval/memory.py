@@ -204,7 +204,6 @@ def main(argv=None):
     if args.worker:
         print(json.dumps(_peak_worker(*json.loads(args.worker))))
         return
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     result: dict = {"bench": "memory", "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__}
     if not args.skip_check:
         check = cpu_check()
