@@ -105,6 +105,7 @@ class Config:
     segment_tokens: int = 256  # update: recompute activations per prompt / N completion tokens (0 = keep them all)
     # --- evaluation, logging, checkpoints ---
     eval_every: int = 0  # evaluate every N RL steps (0 = only before and after training)
+    eval_before: bool = True  # also evaluate the starting model (false skips it when its score is known)
     eval_limit: int = 40  # held-out records per evaluation (greedy; 0 = no evaluation)
     eval_bfcl: str = ""  # comma-separated BFCL categories to evaluate as well (e.g. simple_python,multiple)
     eval_bfcl_limit: int = 20  # items per BFCL category (a fixed seeded subset)
@@ -245,14 +246,20 @@ def main(argv=None):
     fresh_start = resume_from is None and start_from == cfg.model
     if fresh_start:
         evals.reset({})
-        evals.update(held_out("before"))
+        if cfg.eval_before:
+            evals.update(held_out("before"))
     if fresh_start and cfg.sft_steps > 0:
         supervised_warmup(train_scorer, policy, tokenizer, train_records, cfg, d, write_row)
         save_warmed_up_policy(run_dir, policy, tokenizer, cfg.fsdp, run_files, d.rank, d.barrier)
         warm_ok = True
-    if from_warmup:  # the warm-up is done and its "before" evaluation recorded; the one after it may not be
-        evals.reset({k: v for k, v in evals.read().items() if k.startswith("eval/before/")})
-    if (fresh_start and cfg.sft_steps > 0) or from_warmup:
+    evaluated_after_warmup = False
+    if from_warmup:  # the warm-up is done and its "before" evaluation recorded; the one after it may be too
+        recorded = {k: v for k, v in evals.read().items() if k.startswith(("eval/before/", "eval/after_warmup/"))}
+        complete = d.master and after_warmup_recorded(recorded, run_dir, cfg)  # the master's files decide for all
+        evaluated_after_warmup = d.all_reduce(torch.tensor([float(complete)], dtype=torch.float64)).item() > 0
+        evals.reset(recorded if evaluated_after_warmup else
+                    {k: v for k, v in recorded.items() if k.startswith("eval/before/")})
+    if ((fresh_start and cfg.sft_steps > 0) or from_warmup) and not evaluated_after_warmup:
         evals.update(held_out("after_warmup"))
 
     reference_scorer = None
@@ -352,6 +359,18 @@ def find_resume_point(cfg: Config, run_dir: Path, log) -> Path | None:
             return path
         log(f"[train] skipping checkpoint {path.name}: {problem}; falling back to an older one")
     return None
+
+
+def after_warmup_recorded(recorded: dict, run_dir: Path, cfg: Config) -> bool:
+    """Whether the evaluation after the warm-up is already on file, as this run would make it (its accuracy on the
+    held-out records, every BFCL category asked for, and the per-record verdicts): a resume from warmup/ then
+    skips it. eval.ablate starts its RL runs this way from the control's warm-up and evaluation."""
+    from eval.bfcl import parse_categories
+
+    keys = {k.removeprefix("eval/after_warmup/") for k in recorded if k.startswith("eval/after_warmup/")}
+    wanted = ({"val_accuracy"} if cfg.eval_limit > 0 else set()) | {
+        f"bfcl_{c}" for c in (parse_categories(cfg.eval_bfcl) if cfg.eval_bfcl else [])}
+    return bool(keys) and wanted <= keys and (run_dir / "eval_records" / "after_warmup.jsonl").is_file()
 
 
 class Evals:

@@ -158,8 +158,8 @@ def link_or_copy(src, dst) -> None:
 
 def start_from_warmup(run: Run, source: Run) -> bool:
     """Make run's directory a copy of `source` up to the end of its warm-up (its verified warmup/ policy, warm-up
-    metrics rows, "before" evaluation and its verdicts), built aside and renamed, so that train.py --resume auto
-    continues from warmup/. False (nothing written) when there is no verified warm-up to start from."""
+    metrics rows, the evaluations before and after the warm-up and their verdicts), built aside and renamed, so
+    that train.py --resume auto continues from warmup/ without evaluating the warm-up again. False (nothing written) when there is no verified warm-up to start from."""
     warm = source.path / "warmup"
     if run.path.exists() or not source.finished or checkpoint_problem(warm) is not None:
         return False
@@ -171,11 +171,12 @@ def start_from_warmup(run: Run, source: Run) -> bool:
             if json.loads(line).get("phase") == "warmup"]
     (tmp / "metrics.jsonl").write_text("".join(line + "\n" for line in rows))
     evals = json.loads((source.path / "evals.json").read_text())
-    (tmp / "evals.json").write_text(json.dumps({k: v for k, v in evals.items() if k.startswith("eval/before/")},
-                                               indent=1))
-    if (source.path / "eval_records" / "before.jsonl").is_file():
-        (tmp / "eval_records").mkdir()
-        shutil.copy2(source.path / "eval_records" / "before.jsonl", tmp / "eval_records" / "before.jsonl")
+    (tmp / "evals.json").write_text(json.dumps(
+        {k: v for k, v in evals.items() if k.startswith(("eval/before/", "eval/after_warmup/"))}, indent=1))
+    (tmp / "eval_records").mkdir()
+    for tag in ("before", "after_warmup"):  # the same policy, records and greedy decoding: the same verdicts
+        if (source.path / "eval_records" / f"{tag}.jsonl").is_file():
+            shutil.copy2(source.path / "eval_records" / f"{tag}.jsonl", tmp / "eval_records" / f"{tag}.jsonl")
     tmp.rename(run.path)
     return True
 

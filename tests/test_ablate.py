@@ -176,7 +176,10 @@ def test_every_run_is_a_train_run_and_the_rl_arms_start_from_the_seeds_warmup(ab
                 control = out / "warmup_only" / f"seed{seed}"
                 assert os.path.samefile(run / "warmup" / "model.safetensors",
                                         control / "warmup" / "model.safetensors")
-                assert "continuing from warmup/" in (out / "logs" / f"{arm}-seed{seed}.log").read_text()
+                log = (out / "logs" / f"{arm}-seed{seed}.log").read_text()
+                assert "continuing from warmup/" in log
+                assert "[eval] after_warmup" not in log  # the control's evaluation of the same policy is reused
+                assert _records(run, "after_warmup") == _records(control, "after_warmup")
                 assert f"{arm}/seed{seed}: starts from the warm-up of warmup_only/seed{seed}" in console
                 summary, control_summary = (json.loads((r / "summary.json").read_text()) for r in (run, control))
                 for key in ("eval/before/val_accuracy", "eval/after_warmup/val_accuracy",
