@@ -245,7 +245,7 @@ def answer_end(text: str) -> int | None:
 @torch.no_grad()
 def generate_texts(model, tokenizer, prompts: list[str], max_new_tokens: int = 256, batch_size: int = 16,
                    greedy: bool = True, temperature: float = 0.7, seed: int = 0, stop_at_answer: bool = False,
-                   prefill: str = "", bar=None) -> list[str]:
+                   prefill: str = "", bar=None, caches: list | None = None) -> list[str]:
     """Completions for rendered prompts, in prompt order, with the project's sampler.
 
     Prompts are sorted by token length and cut into batches of `batch_size` (the sampler may split a batch further
@@ -253,7 +253,10 @@ def generate_texts(model, tokenizer, prompts: list[str], max_new_tokens: int = 2
     stop_at_answer: a row stops once prefill + its text holds a closed <answer> block (checked every few tokens by
     the sampler; the text is cut there). Small models often ramble on after </answer>: stopping the row is what
     keeps a CPU evaluation within minutes. BFCL scoring reads only the first <answer> block, so its verdicts are
-    unchanged (greedy); the strict format check then sees no trailing text."""
+    unchanged (greedy); the strict format check then sees no trailing text.
+    caches: a list with one entry per prompt (None, or the model.sample.RowCache of an earlier call whose sequence
+    the prompt continues), replaced in place by each sequence's cache at the end of this call (multi-turn
+    episodes: a step encodes only what the conversation gained since the last)."""
     from model.sample import eos_token_ids, sample
 
     eos = set(eos_token_ids(model, tokenizer))
@@ -265,9 +268,13 @@ def generate_texts(model, tokenizer, prompts: list[str], max_new_tokens: int = 2
     for number, start in enumerate(range(0, len(order), max(1, batch_size))):
         chunk = order[start: start + max(1, batch_size)]
         out = sample(model, tokenizer, [prompt_ids[i] for i in chunk], group_size=1, max_new_tokens=max_new_tokens,
-                     temperature=temperature, seed=seed + number, greedy=greedy, stop=stop)
-        for i, ids in zip(chunk, out.completion_ids):
+                     temperature=temperature, seed=seed + number, greedy=greedy, stop=stop,
+                     caches=[caches[i] for i in chunk] if caches is not None else None,
+                     keep_caches=caches is not None)
+        for r, (i, ids) in enumerate(zip(chunk, out.completion_ids)):
             new_ids[i] = ids
+            if caches is not None:
+                caches[i] = out.caches[r]
         if bar is not None:
             bar.update(len(chunk))
     texts = []

@@ -524,11 +524,13 @@ def context_limit(model) -> int | None:
 def run_episodes(model, tokenizer, entries: list[MultiTurnEntry], data_dir: str,
                  prompt_format: PromptFormat = PromptFormat("plain"), max_new_tokens: int = 256, batch_size: int = 16,
                  greedy: bool = True, temperature: float = 0.7, seed: int = 0, stop_at_answer: bool = False,
-                 bar=None) -> list[dict]:
+                 bar=None, reuse_cache: bool = True) -> list[dict]:
     """Run every entry's episode; episodes advance in lockstep, one generate call per step across the episodes
     still open. -> rows {"id", "result"} (+ "error" when an episode stopped early), in entry order.
     A prompt that does not fit the model's context with max_new_tokens to spare stops its episode with a reason
-    (the result then has fewer turns than the ground truth, which BFCL scores as force-terminated)."""
+    (the result then has fewer turns than the ground truth, which BFCL scores as force-terminated).
+    reuse_cache: keep each open episode's KV cache between steps, so that a step encodes only the tokens its
+    conversation gained (the tool results, the next user turn) instead of the whole conversation again."""
     from eval.bfcl import generate_texts
 
     episodes = []
@@ -538,6 +540,7 @@ def run_episodes(model, tokenizer, entries: list[MultiTurnEntry], data_dir: str,
     prefill = prompt_format.prefill
     limit = context_limit(model)
     step = 0
+    kv = {}  # episode -> what the model holds of its conversation (a step encodes only what was added since)
     while True:
         open_episodes = [e for e in episodes if not e.done]
         if not open_episodes:
@@ -554,12 +557,15 @@ def run_episodes(model, tokenizer, entries: list[MultiTurnEntry], data_dir: str,
             prompts.append(prompt)
         if not ready:
             continue
+        caches = [kv.pop(id(e), None) for e in ready] if reuse_cache else None
         texts = generate_texts(model, tokenizer, prompts, max_new_tokens, batch_size, greedy=greedy,
                                temperature=temperature, seed=seed + step, stop_at_answer=stop_at_answer,
-                               prefill=prefill)
+                               prefill=prefill, caches=caches)
         step += 1
-        for episode, text in zip(ready, texts):
+        for n, (episode, text) in enumerate(zip(ready, texts)):
             episode.advance(prefill + text)
+            if caches is not None and not episode.done:
+                kv[id(episode)] = caches[n]
             if episode.done and bar is not None:
                 bar.update(1)
     rows = []

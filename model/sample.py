@@ -45,6 +45,15 @@ STATIC_CACHE_LENGTH_MULTIPLE = 64  # pad prompt lengths to a multiple of this un
 
 
 @dataclass
+class RowCache:
+    """The keys and values the model computed for one sequence, and the token ids they are of: a conversation
+    continued later (a multi-turn episode's next step) passes it back to `sample(..., caches=...)`, which then
+    encodes only the tokens after the longest prefix the prompt shares with `ids`."""
+    ids: list[int]  # [L] the tokens whose keys and values are held, from the start of the sequence
+    kv: tuple  # per layer (k0, v0, k1, v1, ...), each [kv_heads, L, head_dim], positions 0..L-1
+
+
+@dataclass
 class Rollouts:
     """G consecutive completions per prompt, in the order of the prompts given to `sample`."""
     prompt_index: list[int]  # [N] which prompt each completion came from
@@ -54,6 +63,7 @@ class Rollouts:
     sampler_logp: list[torch.Tensor] | None  # [N][len_i] fp32 log-probs of the sampled ids under the sampler
     texts: list[str]  # [N] decoded completions (without the terminating EOS)
     group_size: int = 1
+    caches: list[RowCache] | None = None  # [N] what each sequence's KV cache holds at the end (keep_caches=True)
 
     def __len__(self) -> int:
         return len(self.completion_ids)
@@ -345,6 +355,67 @@ def _prefill(model, input_ids, attention_mask, group_size: int, prefix_len: int)
     return cache
 
 
+def _common_prefix(a: list[int], b: list[int], limit: int) -> int:
+    n = 0
+    while n < limit and n < len(a) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+@torch.no_grad()
+def _prefill_from_caches(model, prompts: list[list[int]], caches: list[RowCache | None], pad_id: int):
+    """Like left_pad then _prefill, for prompts that continue sequences encoded before: row r reuses the keys and
+    values of the longest prefix its prompt shares with caches[r].ids (at most all but its last token, which
+    generate() feeds) and encodes only the rest. Layout per row: [padding | reused prefix | padding | rest], so
+    the reused prefixes end together at column C and the prompts together at P-1; positions follow the mask.
+    -> input_ids [B, P], attention_mask [B, P], a DynamicCache holding P-1 tokens per row."""
+    from transformers import DynamicCache
+    from model.compat import cache_from_tensors
+
+    held = [_common_prefix(c.ids, p, len(p) - 1) if c is not None else 0 for c, p in zip(caches, prompts)]
+    C = max(held)
+    N = max(len(p) - h for p, h in zip(prompts, held))
+    P = C + N
+    ids = torch.full((len(prompts), P), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), P), dtype=torch.long)
+    for row, (p, h) in enumerate(zip(prompts, held)):
+        ids[row, C - h:C] = torch.tensor(p[:h], dtype=torch.long)
+        mask[row, C - h:C] = 1
+        ids[row, P - (len(p) - h):] = torch.tensor(p[h:], dtype=torch.long)
+        mask[row, P - (len(p) - h):] = 1
+    ids, mask = ids.to(model.device), mask.to(model.device)
+    if C == 0:
+        cache = DynamicCache(config=model.config)
+    else:
+        like = next(c.kv for c, h in zip(caches, held) if h > 0)  # shapes and dtype of the cached tensors
+        kv = []
+        for t, ref in enumerate(like):
+            block = ref.new_zeros((len(prompts), ref.shape[0], C, ref.shape[2]))  # [B, h, C, d]
+            for row, (c, h) in enumerate(zip(caches, held)):
+                if h:
+                    block[row, :, C - h:] = c.kv[t][:, :h]
+            kv.append(block)
+        cache = cache_from_tensors(tuple(kv), model.config)
+    if P - 1 > C:
+        m = mask[:, :P - 1]
+        model(input_ids=ids[:, C:P - 1], attention_mask=m, position_ids=_positions(m)[:, C:], use_cache=True,
+              logits_to_keep=1, **cache_kwargs(model, cache))
+    return ids, mask, cache
+
+
+def _row_cache(cache, j: int, attention_mask, generated: int, prompt: list[int], new: list[int]) -> RowCache:
+    """Row j's keys and values (its masked columns, in order) and the ids they are of: the prompt, then the tokens
+    it generated (`new`, cut at EOS). `generated` columns follow attention_mask; the cache holds all but the last."""
+    from model.compat import cache_tensors
+
+    tensors = cache_tensors(cache)
+    width = tensors[0].shape[2]
+    mask = torch.cat([attention_mask[j], attention_mask.new_ones(generated)])[:width].bool()
+    seq = (prompt + new)[:int(mask.sum())]
+    cols = mask.nonzero().squeeze(1)[:len(seq)]
+    return RowCache(ids=seq, kv=tuple(t[j][:, cols] for t in tensors))
+
+
 @dataclass
 class _Decoding:
     """What decoding needs besides the model and the prompts."""
@@ -359,15 +430,18 @@ class _Decoding:
     max_new_tokens: int
     chunk: int  # tokens per generate() call between checks for finished rows (max_new_tokens: no checks)
     stop: object  # None, or a function (generated ids of a row) -> True when the row is done
+    keep_caches: bool = False  # return each row's RowCache (its prompt ids: `prompts`, one per row)
+    prompts: list | None = None
 
 
 @torch.no_grad()
 def _decode(model, input_ids, attention_mask, cache, row_seeds: np.ndarray, how: _Decoding):
     """Decode every row until it is done (EOS, max_new_tokens, or `how.stop`), in rounds of `how.chunk` tokens:
     after each round, rows that are done leave the batch (their cache rows too), so they cost nothing more.
-    -> per row: the new ids (nothing after the first EOS) and their log-probs (or None)."""
+    -> per row: the new ids (nothing after the first EOS), their log-probs (or None), their RowCache (or None)."""
     n = input_ids.shape[0]
     tokens: list[list[int]] = [[] for _ in range(n)]
+    row_caches: list[RowCache | None] = [None] * n
     logps: list[list[torch.Tensor]] = [[] for _ in range(n)]
     live = list(range(n))  # rows still decoding; row j of the current batch is row live[j]
     done_steps = 0
@@ -394,6 +468,8 @@ def _decode(model, input_ids, attention_mask, cache, row_seeds: np.ndarray, how:
                 logps[row].append(logp[j, :len(ids)])
             if not ended and done_steps < how.max_new_tokens and not (how.stop and how.stop(tokens[row])):
                 keep.append(j)
+            elif how.keep_caches:  # taken before the row leaves the cache
+                row_caches[row] = _row_cache(cache, j, attention_mask, k, how.prompts[row], tokens[row])
         if not keep or cache is None:
             break
         if len(keep) < len(live):
@@ -403,7 +479,8 @@ def _decode(model, input_ids, attention_mask, cache, row_seeds: np.ndarray, how:
         live = [live[j] for j in keep]
         input_ids = sequences  # the cache holds all of it but the last token, which the next call feeds
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(live), k))], dim=1)
-    return tokens, [torch.cat(lp) if lp else torch.zeros(0) for lp in logps] if how.record else None
+    return (tokens, [torch.cat(lp) if lp else torch.zeros(0) for lp in logps] if how.record else None,
+            row_caches if how.keep_caches else None)
 
 
 def _cut_at_eos(tokens: list[int], eos: set[int]) -> tuple[list[int], bool]:
@@ -426,7 +503,8 @@ def sample(model, tokenizer, prompt_ids: list[list[int]], group_size: int = 8, m
            token_budget: int = DEFAULT_TOKEN_BUDGET, return_logprobs: bool = False, greedy: bool = False,
            prefill_once: bool = True, share_prefix: bool = True, static_cache: bool = False,
            compile_decode: bool = True, progress: bool = False, row_seeds: list[int] | None = None, stop=None,
-           decode_chunk: int = DECODE_CHUNK) -> Rollouts:
+           decode_chunk: int = DECODE_CHUNK, caches: list[RowCache | None] | None = None,
+           keep_caches: bool = False) -> Rollouts:
     """Sample `group_size` completions for each prompt (token ids, chat template already applied).
 
     greedy=True is for evaluation: one completion per prompt (group_size is ignored), argmax decoding.
@@ -443,6 +521,9 @@ def sample(model, tokenizer, prompt_ids: list[list[int]], group_size: int = 8, m
         n gets rank_seed(seed, 0, n).
     stop: a function (the ids a row generated so far) -> bool, checked every `decode_chunk` tokens; a row for which
         it is True stops there (its completion keeps what it generated, and counts as truncated unless it has EOS).
+    caches: per prompt, a RowCache of an earlier call (or None): a prompt that continues that sequence encodes only
+        the tokens after the prefix they share. keep_caches: return each completion's RowCache (Rollouts.caches).
+        Both need group_size 1 and the dynamic cache; the caches stay on the model's device.
     """
     if not prompt_ids:
         raise ValueError("sample() got no prompts")
@@ -454,6 +535,11 @@ def sample(model, tokenizer, prompt_ids: list[list[int]], group_size: int = 8, m
     if row_seeds is not None and len(row_seeds) != len(prompt_ids) * group_size:
         raise ValueError(f"row_seeds needs one seed per completion ({len(prompt_ids) * group_size}), "
                          f"got {len(row_seeds)}")
+    if (caches is not None or keep_caches) and (group_size != 1 or static_cache):
+        raise ValueError("caches and keep_caches need group_size 1 and the dynamic cache (static_cache=False)")
+    if caches is not None and len(caches) != len(prompt_ids):
+        raise ValueError(f"caches needs one entry (a RowCache or None) per prompt ({len(prompt_ids)}), "
+                         f"got {len(caches)}")
     if not greedy and temperature <= 0:
         raise ValueError(f"temperature must be > 0 for sampling (got {temperature}); use greedy=True for argmax")
     temperature = temperature if temperature > 0 else 1.0
@@ -465,13 +551,14 @@ def sample(model, tokenizer, prompt_ids: list[list[int]], group_size: int = 8, m
     how = _Decoding(gen_config=build_generation_config(model, tokenizer, max_new_tokens, static_cache, compile_decode),
                     vocab=real_vocab_size(tokenizer, model), temperature=temperature, top_k=top_k, top_p=top_p,
                     greedy=greedy, record=return_logprobs, eos=eos, max_new_tokens=max_new_tokens,
-                    chunk=max_new_tokens if static_cache else decode_chunk, stop=stop)
+                    chunk=max_new_tokens if static_cache else decode_chunk, stop=stop, keep_caches=keep_caches)
     pad_id = pad_id_of(tokenizer)
     length_multiple = STATIC_CACHE_LENGTH_MULTIPLE if static_cache else 1
     batches = micro_batches([len(p) for p in prompt_ids], group_size, max_new_tokens, token_budget, length_multiple)
 
     tokens_of: dict[int, list[int]] = {}  # completion index (prompt * G + g) -> new ids
     logp_of: dict[int, torch.Tensor] = {}
+    cache_of: dict[int, RowCache] = {}
     was_training = model.training
     model.eval()
     try:
@@ -482,21 +569,28 @@ def sample(model, tokenizer, prompt_ids: list[list[int]], group_size: int = 8, m
                 dynamic = not static_cache
                 prefix_len = shared_prefix_length(prompts) if dynamic and share_prefix and len(batch) > 1 else 0
                 prefix_len = prefix_len if prefix_len >= MIN_SHARED_PREFIX else 0
-                input_ids, attention_mask = left_pad(prompts, pad_id, length_multiple, model.device, prefix_len)
-                if dynamic and prefill_once:
-                    cache = _prefill(model, input_ids, attention_mask, group_size, prefix_len)
-                elif dynamic:
-                    from transformers import DynamicCache
-                    cache = DynamicCache(config=model.config)
+                if caches is not None:  # continuations: each row reuses what its cache holds
+                    input_ids, attention_mask, cache = _prefill_from_caches(
+                        model, prompts, [caches[i] for i in batch], pad_id)
                 else:
-                    cache = None  # generate() builds the static cache
+                    input_ids, attention_mask = left_pad(prompts, pad_id, length_multiple, model.device, prefix_len)
+                    if dynamic and prefill_once:
+                        cache = _prefill(model, input_ids, attention_mask, group_size, prefix_len)
+                    elif dynamic:
+                        from transformers import DynamicCache
+                        cache = DynamicCache(config=model.config)
+                    else:
+                        cache = None  # generate() builds the static cache
                 input_ids = input_ids.repeat_interleave(group_size, dim=0)  # [B*G, P]
                 attention_mask = attention_mask.repeat_interleave(group_size, dim=0)
-                new_ids, logps = _decode(model, input_ids, attention_mask, cache, seeds[rows], how)
+                how.prompts = prompts  # group_size is 1 when caches are kept: one row per prompt
+                new_ids, logps, row_caches = _decode(model, input_ids, attention_mask, cache, seeds[rows], how)
                 for r, n in enumerate(rows):
                     tokens_of[n] = new_ids[r]
                     if logps is not None:
                         logp_of[n] = logps[r]
+                    if row_caches is not None:
+                        cache_of[n] = row_caches[r]
     finally:
         model.train(was_training)
 
@@ -512,7 +606,7 @@ def sample(model, tokenizer, prompt_ids: list[list[int]], group_size: int = 8, m
     return Rollouts(prompt_index=[n // group_size for n in range(N)], completion_ids=completion_ids,
                     response_mask=response_mask, truncated=truncated,
                     sampler_logp=[logp_of[n] for n in range(N)] if return_logprobs else None, texts=texts,
-                    group_size=group_size)
+                    group_size=group_size, caches=[cache_of[n] for n in range(N)] if keep_caches else None)
 
 
 def logprob_gap(sampler_logp, trainer_logp, mask=None) -> dict:

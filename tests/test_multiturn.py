@@ -454,6 +454,36 @@ def test_run_episodes_with_a_tiny_model(corpus, data_dir, tiny_model, tiny_token
     assert scored["correct"] == 0 and scored["reasons"] == {"prompt_too_long": 2}
 
 
+def test_episode_steps_reuse_the_conversations_cache(corpus, data_dir, tiny_model, tiny_tokenizer, monkeypatch):
+    """Each step encodes only what the conversation gained since the last one; the episodes' results are those of
+    encoding every conversation whole (float64 model)."""
+    import dataclasses
+    import functools
+    model = tiny_model.double()
+    short = [dataclasses.replace(_entry(corpus, "multi_turn_base", i),
+                                 functions=[d for d in _entry(corpus, "multi_turn_base", i).functions
+                                            if d["name"] in ("cd", "ls")]) for i in (0, 3)]
+    fed = []
+    forward = type(model).forward
+
+    @functools.wraps(forward)  # keeps the signature (the cache keyword is detected from it)
+    def counting_forward(self, *args, **kwargs):
+        ids, mask = kwargs.get("input_ids", args[0] if args else None), kwargs.get("attention_mask")
+        fed.append(int(mask[:, -ids.shape[1]:].sum()) if mask is not None else ids.numel())  # real tokens fed
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "forward", counting_forward)
+    runs = {}
+    for reuse in (False, True):
+        fed.clear()
+        rows = mt.run_episodes(model, tiny_tokenizer, short, data_dir, PromptFormat("plain", "python"),
+                               max_new_tokens=6, reuse_cache=reuse)
+        runs[reuse] = (rows, sum(fed))
+    assert runs[True][0] == runs[False][0]
+    assert all(len(r["result"]) == len(e.ground_truth) > 1 for r, e in zip(runs[True][0], short))
+    assert runs[True][1] < 0.6 * runs[False][1], (runs[True][1], runs[False][1])
+
+
 class _LongContextStub:
     """Stands in for a model: only its context length is read (generation is replaced by ground_truth_replies)."""
     config = types.SimpleNamespace(max_position_embeddings=10 ** 7)

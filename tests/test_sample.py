@@ -359,3 +359,50 @@ def test_finished_rows_leave_the_batch_with_the_same_results(tiny_model, tiny_to
     stopped = sample(model, tiny_tokenizer, prompts, decode_chunk=4, stop=lambda ids: len(ids) >= 6, **kw)
     for ids, full in zip(stopped.completion_ids, plain.completion_ids):
         assert ids == full[:len(ids)] and len(ids) == min(len(full), 8)
+
+
+def test_continuing_from_kept_caches_equals_encoding_the_whole_prompt(tiny_model, tiny_tokenizer, monkeypatch):
+    """A conversation's next step (multi-turn evaluation) reuses the keys and values of what was encoded before
+    and encodes only the new tokens; the results are those of encoding every prompt whole (float64, sampled with
+    per-row seeds, with EOS, a stop test, a history edited midway and a prompt without a cache)."""
+    model = eos_likely(tiny_model.double(), tiny_tokenizer.eos_token_id, strength=3.0)
+    tok = tiny_tokenizer
+    prompts = encode(tok)
+    kw = dict(group_size=1, max_new_tokens=12, temperature=1.0, return_logprobs=True, decode_chunk=4,
+              stop=lambda ids: len(ids) >= 10)
+    first = sample(model, tok, prompts, row_seeds=[5, 6, 7], keep_caches=True, **kw)
+    for p, ids, c in zip(prompts, first.completion_ids, first.caches):
+        assert c.ids == (p + ids)[:len(c.ids)] and len(p) + len(ids) - 1 <= len(c.ids) <= len(p) + len(ids)
+        assert all(t.shape[1] == len(c.ids) for t in c.kv)
+
+    tool = tok.encode(" -> result: 42. next?")
+    follow = [p + ids + tool for p, ids in zip(prompts, first.completion_ids)]
+    follow[1] = follow[1][:3] + tok.encode("EDITED") + follow[1][3:]  # shares only 3 tokens with its cache
+    caches = [first.caches[0], first.caches[1], None]
+    fed = []
+    forward = type(model).forward
+
+    @functools.wraps(forward)  # keeps the signature (the cache keyword is detected from it)
+    def counting_forward(self, *args, **kwargs):
+        ids, mask = kwargs.get("input_ids", args[0] if args else None), kwargs.get("attention_mask")
+        fed.append(int(mask[:, -ids.shape[1]:].sum()) if mask is not None else ids.numel())  # real tokens fed
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "forward", counting_forward)
+    for round_ in range(2):
+        fed.clear()
+        whole = sample(model, tok, follow, row_seeds=[8, 9, 10], **kw)
+        fed_whole = sum(fed)
+        fed.clear()
+        continued = sample(model, tok, follow, row_seeds=[8, 9, 10], caches=caches, keep_caches=True, **kw)
+        assert continued.completion_ids == whole.completion_ids, round_
+        assert torch.allclose(torch.cat(continued.sampler_logp), torch.cat(whole.sampler_logp), atol=1e-9)
+        assert sum(fed) < fed_whole, (sum(fed), fed_whole)  # the reused prefixes were not encoded again
+        caches = continued.caches
+        follow = [p + ids + tool for p, ids in zip(follow, continued.completion_ids)]
+    assert 0 < sum(continued.truncated) < 3 or 0 < sum(first.truncated) < 3, "needs ended and cut rows"
+
+    with pytest.raises(ValueError, match="group_size 1"):
+        sample(model, tok, prompts, group_size=2, caches=[None] * 3)
+    with pytest.raises(ValueError, match="one entry"):
+        sample(model, tok, prompts, greedy=True, caches=[None])
