@@ -521,6 +521,9 @@ def context_limit(model) -> int | None:
     return getattr(getattr(model, "config", None), "max_position_embeddings", None)
 
 
+CACHE_BYTES = 8 << 30  # KV caches kept between steps, all episodes together (a 7B model holds ~57 KB per token)
+
+
 def run_episodes(model, tokenizer, entries: list[MultiTurnEntry], data_dir: str,
                  prompt_format: PromptFormat = PromptFormat("plain"), max_new_tokens: int = 256, batch_size: int = 16,
                  greedy: bool = True, temperature: float = 0.7, seed: int = 0, stop_at_answer: bool = False,
@@ -529,8 +532,8 @@ def run_episodes(model, tokenizer, entries: list[MultiTurnEntry], data_dir: str,
     still open. -> rows {"id", "result"} (+ "error" when an episode stopped early), in entry order.
     A prompt that does not fit the model's context with max_new_tokens to spare stops its episode with a reason
     (the result then has fewer turns than the ground truth, which BFCL scores as force-terminated).
-    reuse_cache: keep each open episode's KV cache between steps, so that a step encodes only the tokens its
-    conversation gained (the tool results, the next user turn) instead of the whole conversation again."""
+    reuse_cache: keep each open episode's KV cache between steps (up to CACHE_BYTES in all), so that a step encodes
+    only the tokens its conversation gained (the tool results, the next user turn), not the whole conversation."""
     from eval.bfcl import generate_texts
 
     episodes = []
@@ -562,10 +565,13 @@ def run_episodes(model, tokenizer, entries: list[MultiTurnEntry], data_dir: str,
                                temperature=temperature, seed=seed + step, stop_at_answer=stop_at_answer,
                                prefill=prefill, caches=caches)
         step += 1
+        held = 0
         for n, (episode, text) in enumerate(zip(ready, texts)):
             episode.advance(prefill + text)
-            if caches is not None and not episode.done:
-                kv[id(episode)] = caches[n]
+            size = sum(t.numel() * t.element_size() for t in caches[n].kv) if caches is not None else 0
+            if caches is not None and not episode.done and held + size <= CACHE_BYTES:
+                kv[id(episode)] = caches[n]  # over the budget: that episode's next step encodes it all again
+                held += size
             if episode.done and bar is not None:
                 bar.update(1)
     rows = []

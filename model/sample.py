@@ -569,9 +569,9 @@ def sample(model, tokenizer, prompt_ids: list[list[int]], group_size: int = 8, m
                 dynamic = not static_cache
                 prefix_len = shared_prefix_length(prompts) if dynamic and share_prefix and len(batch) > 1 else 0
                 prefix_len = prefix_len if prefix_len >= MIN_SHARED_PREFIX else 0
-                if caches is not None:  # continuations: each row reuses what its cache holds
-                    input_ids, attention_mask, cache = _prefill_from_caches(
-                        model, prompts, [caches[i] for i in batch], pad_id)
+                held = [caches[i] for i in batch] if caches is not None else []
+                if any(c is not None for c in held):  # continuations: each row reuses what its cache holds
+                    input_ids, attention_mask, cache = _prefill_from_caches(model, prompts, held, pad_id)
                 else:
                     input_ids, attention_mask = left_pad(prompts, pad_id, length_multiple, model.device, prefix_len)
                     if dynamic and prefill_once:

@@ -482,6 +482,10 @@ def test_episode_steps_reuse_the_conversations_cache(corpus, data_dir, tiny_mode
     assert runs[True][0] == runs[False][0]
     assert all(len(r["result"]) == len(e.ground_truth) > 1 for r, e in zip(runs[True][0], short))
     assert runs[True][1] < 0.6 * runs[False][1], (runs[True][1], runs[False][1])
+    monkeypatch.setattr(mt, "CACHE_BYTES", 1)  # no room for any cache: every step encodes its conversation whole
+    fed.clear()
+    rows = mt.run_episodes(model, tiny_tokenizer, short, data_dir, PromptFormat("plain", "python"), max_new_tokens=6)
+    assert rows == runs[False][0] and sum(fed) == runs[False][1]
 
 
 class _LongContextStub:
