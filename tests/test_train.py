@@ -56,6 +56,14 @@ def test_run_writes_config_metrics_samples_checkpoint(tiny_dir, tiny_data, tmp_p
     assert "[done]" in out
 
 
+def test_eval_before_false_skips_only_the_starting_models_evaluation(tiny_dir, tiny_data, tmp_path):
+    _finish(_run(_args(tiny_dir, tiny_data, tmp_path / "run", "--steps", "0", "--sft-steps", "1",
+                       "--eval-before", "false")))
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert set(summary) == {"eval/after_warmup/val_accuracy"}
+    assert sorted(p.name for p in (tmp_path / "run" / "eval_records").iterdir()) == ["after_warmup.jsonl"]
+
+
 def test_sigkill_then_resume_matches_uninterrupted(tiny_dir, tiny_data, tmp_path):
     common = ("--steps", "4", "--sft-steps", "2", "--save-every", "1", "--keep-last", "5")
     _finish(_run(_args(tiny_dir, tiny_data, tmp_path / "full", *common)))
