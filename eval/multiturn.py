@@ -568,9 +568,10 @@ def run_episodes(model, tokenizer, entries: list[MultiTurnEntry], data_dir: str,
         held = 0
         for n, (episode, text) in enumerate(zip(ready, texts)):
             episode.advance(prefill + text)
-            size = sum(t.numel() * t.element_size() for t in caches[n].kv) if caches is not None else 0
-            if caches is not None and not episode.done and held + size <= CACHE_BYTES:
-                kv[id(episode)] = caches[n]  # over the budget: that episode's next step encodes it all again
+            kept = caches[n] if caches is not None and not episode.done else None
+            size = sum(t.numel() * t.element_size() for t in kept.kv) if kept is not None else 0
+            if kept is not None and held + size <= CACHE_BYTES:
+                kv[id(episode)] = kept  # over the budget: that episode's next step encodes it all again
                 held += size
             if episode.done and bar is not None:
                 bar.update(1)
