@@ -458,21 +458,12 @@ def test_episode_steps_reuse_the_conversations_cache(corpus, data_dir, tiny_mode
     """Each step encodes only what the conversation gained since the last one; the episodes' results are those of
     encoding every conversation whole (float64 model)."""
     import dataclasses
-    import functools
+    from tiny_run import count_fed_tokens
     model = tiny_model.double()
     short = [dataclasses.replace(_entry(corpus, "multi_turn_base", i),
                                  functions=[d for d in _entry(corpus, "multi_turn_base", i).functions
                                             if d["name"] in ("cd", "ls")]) for i in (0, 3)]
-    fed = []
-    forward = type(model).forward
-
-    @functools.wraps(forward)  # keeps the signature (the cache keyword is detected from it)
-    def counting_forward(self, *args, **kwargs):
-        ids, mask = kwargs.get("input_ids", args[0] if args else None), kwargs.get("attention_mask")
-        fed.append(int(mask[:, -ids.shape[1]:].sum()) if mask is not None else ids.numel())  # real tokens fed
-        return forward(self, *args, **kwargs)
-
-    monkeypatch.setattr(type(model), "forward", counting_forward)
+    fed = count_fed_tokens(model, monkeypatch)  # real tokens fed per forward call
     runs = {}
     for reuse in (False, True):
         fed.clear()

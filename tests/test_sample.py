@@ -365,6 +365,7 @@ def test_continuing_from_kept_caches_equals_encoding_the_whole_prompt(tiny_model
     """A conversation's next step (multi-turn evaluation) reuses the keys and values of what was encoded before
     and encodes only the new tokens; the results are those of encoding every prompt whole (float64, sampled with
     per-row seeds, with EOS, a stop test, a history edited midway and a prompt without a cache)."""
+    from tiny_run import count_fed_tokens
     model = eos_likely(tiny_model.double(), tiny_tokenizer.eos_token_id, strength=3.0)
     tok = tiny_tokenizer
     prompts = encode(tok)
@@ -379,16 +380,7 @@ def test_continuing_from_kept_caches_equals_encoding_the_whole_prompt(tiny_model
     follow = [p + ids + tool for p, ids in zip(prompts, first.completion_ids)]
     follow[1] = follow[1][:3] + tok.encode("EDITED") + follow[1][3:]  # shares only 3 tokens with its cache
     caches = [first.caches[0], first.caches[1], None]
-    fed = []
-    forward = type(model).forward
-
-    @functools.wraps(forward)  # keeps the signature (the cache keyword is detected from it)
-    def counting_forward(self, *args, **kwargs):
-        ids, mask = kwargs.get("input_ids", args[0] if args else None), kwargs.get("attention_mask")
-        fed.append(int(mask[:, -ids.shape[1]:].sum()) if mask is not None else ids.numel())  # real tokens fed
-        return forward(self, *args, **kwargs)
-
-    monkeypatch.setattr(type(model), "forward", counting_forward)
+    fed = count_fed_tokens(model, monkeypatch)  # real tokens fed per forward call
     for round_ in range(2):
         fed.clear()
         whole = sample(model, tok, follow, row_seeds=[8, 9, 10], **kw)

@@ -1,4 +1,5 @@
-"""Helpers for end-to-end runs of train.py on the tiny model (fixtures tiny_dir / tiny_data: conftest.py)."""
+"""Helpers for tests on the tiny model: end-to-end runs of train.py (fixtures tiny_dir / tiny_data: conftest.py),
+counting the tokens a model is fed."""
 import json
 import os
 import subprocess
@@ -39,3 +40,19 @@ def _rl_rows(run):
 
 def _final_params(run, step):
     return load_file(Path(run) / "checkpoints" / f"step-{step:06d}" / "model.safetensors")
+
+
+def count_fed_tokens(model, monkeypatch) -> list[int]:
+    """Patch `model`'s class forward to record, per call, the real (unmasked) tokens fed: -> the list it fills."""
+    import functools
+    fed = []
+    forward = type(model).forward
+
+    @functools.wraps(forward)  # keeps the signature (the cache keyword is detected from it)
+    def counting_forward(self, *args, **kwargs):
+        ids, mask = kwargs.get("input_ids", args[0] if args else None), kwargs.get("attention_mask")
+        fed.append(int(mask[:, -ids.shape[1]:].sum()) if mask is not None else ids.numel())
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "forward", counting_forward)
+    return fed
