@@ -248,8 +248,9 @@ def generate_texts(model, tokenizer, prompts: list[str], max_new_tokens: int = 2
                    prefill: str = "", bar=None, caches: list | None = None) -> list[str]:
     """Completions for rendered prompts, in prompt order, with the project's sampler.
 
-    Prompts are sorted by token length and cut into batches of `batch_size` (the sampler may split a batch further
-    to stay in its token budget). Greedy by default; sampled batches use seed + the batch's number.
+    Up to `batch_size` rows decode at once; when rows finish, the next prompts (in order of token length) take
+    their places, so a row that runs long does not hold the others up. Greedy by default; sampled completions are
+    seeded as when prompts were cut into batches of `batch_size` in that order (the batch's number added to seed).
     stop_at_answer: a row stops once prefill + its text holds a closed <answer> block (checked every few tokens by
     the sampler; the text is cut there). Small models often ramble on after </answer>: stopping the row is what
     keeps a CPU evaluation within minutes. BFCL scoring reads only the first <answer> block, so its verdicts are
@@ -257,26 +258,23 @@ def generate_texts(model, tokenizer, prompts: list[str], max_new_tokens: int = 2
     caches: a list with one entry per prompt (None, or the model.sample.RowCache of an earlier call whose sequence
     the prompt continues), replaced in place by each sequence's cache at the end of this call (multi-turn
     episodes: a step encodes only what the conversation gained since the last)."""
-    from model.sample import eos_token_ids, sample
+    from model.sample import eos_token_ids, rank_seed, sample
 
     eos = set(eos_token_ids(model, tokenizer))
     prompt_ids = [tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
     stop = (lambda ids: answer_end(prefill + tokenizer.decode(ids, skip_special_tokens=False)) is not None) \
         if stop_at_answer else None
+    batch_size = max(1, batch_size)
     order = sorted(range(len(prompts)), key=lambda i: len(prompt_ids[i]))
-    new_ids: list[list[int]] = [[] for _ in prompts]
-    for number, start in enumerate(range(0, len(order), max(1, batch_size))):
-        chunk = order[start: start + max(1, batch_size)]
-        out = sample(model, tokenizer, [prompt_ids[i] for i in chunk], group_size=1, max_new_tokens=max_new_tokens,
-                     temperature=temperature, seed=seed + number, greedy=greedy, stop=stop,
-                     caches=[caches[i] for i in chunk] if caches is not None else None,
-                     keep_caches=caches is not None)
-        for r, (i, ids) in enumerate(zip(chunk, out.completion_ids)):
-            new_ids[i] = ids
-            if caches is not None:
-                caches[i] = out.caches[r]
-        if bar is not None:
-            bar.update(len(chunk))
+    row_seeds = [0] * len(prompts)
+    for position, i in enumerate(order):
+        row_seeds[i] = rank_seed(seed + position // batch_size, 0, position % batch_size)
+    out = sample(model, tokenizer, prompt_ids, group_size=1, max_new_tokens=max_new_tokens, temperature=temperature,
+                 greedy=greedy, stop=stop, row_seeds=row_seeds, caches=caches, keep_caches=caches is not None,
+                 max_rows=batch_size, progress=bar if bar is not None else False)
+    new_ids = out.completion_ids
+    if caches is not None:
+        caches[:] = out.caches
     texts = []
     for ids in new_ids:
         text = tokenizer.decode(ids[:-1] if ids and ids[-1] in eos else ids, skip_special_tokens=False)

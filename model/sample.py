@@ -12,17 +12,19 @@ What this module guarantees, and why each point matters:
   * The response mask is computed from the first EOS in the sampled ids, never from pad ids (pad == eos for
     SmolLM2 and for the byte tokenizer of the tests).
   * A group's prompt is encoded once: the prompt batch is run through the model once, and the KV cache is
-    repeated G times before decoding (`prefill_once=True`); a prefix that all prompts of a batch share (the system
-    prompt's instructions) is encoded once for the whole batch, with the padding placed after it
+    repeated G times before decoding (`prefill_once=True`); a prefix that all prompts of a call share (the system
+    prompt's instructions) is encoded once for the whole call, with the padding placed after it
     (`share_prefix=True`).
   * Rows that are done cost nothing more: generate() runs in rounds of DECODE_CHUNK tokens, and after each round
     the rows that reached EOS (or the caller's `stop` condition, e.g. a closed </answer> in evaluation) leave the
-    batch and the KV cache.
+    batch and the KV cache, and prompts still waiting take their places (left-padded to the batch's width), so
+    one long row does not keep a batch of mostly finished rows decoding.
   * Sampling is exact inverse-CDF sampling with counter-based uniforms: completion n's draw at decode step t is a
     function of (row seed n, t) alone, computed for all rows in one op sequence. Same seeds -> same rollouts,
     whatever the batching, the prompt order, the number of ranks, or a resume; the caller's RNG is never touched.
     Under torchrun, the trainer passes seeds derived from the global prompt index (rl/rollout.py).
-  * Prompts are micro-batched so that (prompts * G) * (prompt_len + max_new_tokens) stays within a token budget.
+  * At most `max_rows` rows decode at once, and (rows) * (longest row + max_new_tokens) stays within a token
+    budget; prompts are admitted in order of length (less padding).
 
     from model.sample import sample
     rollouts = sample(model, tokenizer, prompt_ids, group_size=8, max_new_tokens=256, temperature=0.7)
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,7 +43,7 @@ from transformers import LogitsProcessor
 
 from model.compat import cache_kwargs
 
-DEFAULT_TOKEN_BUDGET = 1 << 16  # (prompts * G) * (prompt_len + max_new_tokens) per generate call
+DEFAULT_TOKEN_BUDGET = 1 << 16  # rows * (longest row + max_new_tokens) decoding at once
 STATIC_CACHE_LENGTH_MULTIPLE = 64  # pad prompt lengths to a multiple of this under a static cache (fewer recompiles)
 
 
@@ -149,12 +152,13 @@ def _mix64(z: np.ndarray) -> np.ndarray:
     return z ^ (z >> np.uint64(31))
 
 
-def counter_uniforms(row_seeds: np.ndarray, step: int) -> torch.Tensor:
+def counter_uniforms(row_seeds: np.ndarray, step) -> torch.Tensor:
     """[B] float64 uniforms in (0, 1): a pure function of (row seed, step), so a completion's draws do not depend on
     the other rows of its batch, on the batch's order or on the number of ranks. Row seed s gives the stream
-    SplitMix64(s), whose step-th output is used at decode step `step` (53 bits)."""
+    SplitMix64(s), whose step-th output is used at decode step `step` (53 bits). step: an int, or one per row ([B]:
+    rows that joined the batch later are at earlier steps of their streams)."""
     with np.errstate(over="ignore"):
-        z = _mix64(row_seeds.astype(np.uint64) + np.uint64(step + 1) * _GOLDEN)
+        z = _mix64(row_seeds.astype(np.uint64) + (np.asarray(step, dtype=np.uint64) + np.uint64(1)) * _GOLDEN)
     return torch.from_numpy(((z >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0 ** -53)
 
 
@@ -182,7 +186,7 @@ class RowChoice(LogitsProcessor):
     from softmax(scores), with one op sequence for all rows. greedy: argmax. record: keeps log p(chosen) under the
     final distribution, per step ([B] fp32 each)."""
 
-    def __init__(self, row_seeds: np.ndarray, first_step: int, greedy: bool, record: bool):
+    def __init__(self, row_seeds: np.ndarray, first_step, greedy: bool, record: bool):  # first_step: int or [B]
         self.row_seeds, self.step, self.greedy = row_seeds, first_step, greedy
         self.logp: list[torch.Tensor] | None = [] if record else None
 
@@ -267,26 +271,6 @@ def _clean_model_generation_config(model, gen_config):
 # Batching and prompt layout
 
 
-def micro_batches(prompt_lengths: list[int], group_size: int, max_new_tokens: int, token_budget: int,
-                  length_multiple: int = 1) -> list[list[int]]:
-    """Split prompt indices into batches with (len(batch) * G) * (longest prompt + max_new_tokens) <= budget.
-
-    Prompts are taken in order of length so each batch pads little; a single prompt over budget still gets a
-    batch of its own (a group is never split)."""
-    order = sorted(range(len(prompt_lengths)), key=lambda i: prompt_lengths[i])
-    batches, current, longest = [], [], 0
-    for i in order:
-        width = _round_up(max(longest, prompt_lengths[i]), length_multiple) + max_new_tokens
-        if current and (len(current) + 1) * group_size * width > token_budget:
-            batches.append(current)
-            current, longest = [], 0
-        current.append(i)
-        longest = max(longest, prompt_lengths[i])
-    if current:
-        batches.append(current)
-    return batches
-
-
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
@@ -329,22 +313,35 @@ def _positions(mask: torch.Tensor) -> torch.Tensor:
 # Prefill and decoding
 
 
+def _prefix_kv(model, prefix: list[int], device) -> tuple:
+    """The keys and values of a prefix that every prompt of a call shares, computed once on one row (flat tensors,
+    as cache_tensors returns them): each admission of new prompts starts its cache from them."""
+    from transformers import DynamicCache
+    from model.compat import cache_tensors
+
+    cache = DynamicCache(config=model.config)
+    ids = torch.tensor([prefix], dtype=torch.long, device=device)
+    model(input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=torch.arange(len(prefix), device=device)[None],
+          use_cache=True, logits_to_keep=1, **cache_kwargs(model, cache))
+    return cache_tensors(cache)
+
+
 @torch.no_grad()
-def _prefill(model, input_ids, attention_mask, group_size: int, prefix_len: int):
-    """Run all but the last prompt token through the model, once per prompt (not per completion), and the shared
-    prefix once for the whole batch; then repeat the cache G times. -> a DynamicCache holding P-1 tokens per row.
+def _prefill(model, input_ids, attention_mask, group_size: int, prefix_len: int, prefix_kv: tuple = ()):
+    """Run all but the last prompt token through the model, once per prompt (not per completion), starting from the
+    shared prefix's keys and values (`prefix_kv`, its first prefix_len columns); then repeat the cache G times.
+    -> a DynamicCache holding P-1 tokens per row.
 
     generate() is then given the full expanded input_ids and mask: it sees a cache holding P-1 tokens and feeds
     only the last prompt token, whose logits give the first sampled token."""
     from transformers import DynamicCache
+    from model.compat import cache_from_tensors
 
-    cache = DynamicCache(config=model.config)
-    P = input_ids.shape[1]
-    if prefix_len > 0:  # one row; every row of the batch shares it
-        model(input_ids=input_ids[:1, :prefix_len], attention_mask=attention_mask[:1, :prefix_len],
-              position_ids=_positions(attention_mask[:1, :prefix_len]), use_cache=True, logits_to_keep=1,
-              **cache_kwargs(model, cache))
-        cache.batch_repeat_interleave(input_ids.shape[0])
+    n, P = input_ids.shape
+    if prefix_len > 0:
+        cache = cache_from_tensors(tuple(t.expand(n, -1, -1, -1).contiguous() for t in prefix_kv), model.config)
+    else:
+        cache = DynamicCache(config=model.config)
     if P - 1 > prefix_len:
         mask = attention_mask[:, :P - 1]
         model(input_ids=input_ids[:, prefix_len:P - 1], attention_mask=mask,
@@ -430,57 +427,88 @@ class _Decoding:
     max_new_tokens: int
     chunk: int  # tokens per generate() call between checks for finished rows (max_new_tokens: no checks)
     stop: object  # None, or a function (generated ids of a row) -> True when the row is done
-    keep_caches: bool = False  # return each row's RowCache (its prompt ids: `prompts`, one per row)
-    prompts: list | None = None
+    keep_caches: bool = False  # return each row's RowCache
+
+
+@dataclass
+class _Live:
+    """The rows decoding together, as generate() takes them: the KV cache holds all but the last column of
+    input_ids (generate feeds that one). Rows admitted at different times are left-padded to a common width."""
+    rows: list[int]  # [n] completion index of each row
+    prompts: list[list[int]]  # [n] each row's prompt ids (for its RowCache)
+    input_ids: torch.Tensor  # [n, L] prompt + generated so far (padding where attention_mask is 0)
+    attention_mask: torch.Tensor  # [n, L]
+    cache: object  # a DynamicCache holding L-1 columns per row; None under a static cache (generate builds it)
+    steps: np.ndarray  # [n] tokens each row has generated so far (its position in its random stream)
+
+    def select(self, keep: list[int]) -> None:
+        index = torch.tensor(keep, device=self.input_ids.device)
+        self.cache.batch_select_indices(index)
+        self.input_ids, self.attention_mask = self.input_ids[index], self.attention_mask[index]
+        self.rows, self.prompts = [self.rows[j] for j in keep], [self.prompts[j] for j in keep]
+        self.steps = self.steps[keep]
+
+    def trim(self, config, min_columns: int = 32) -> None:
+        """Drop leading columns that are padding on every row (left by a long row that has left), when there
+        are at least min_columns of them: attention no longer pays for them."""
+        from model.compat import cache_from_tensors, cache_tensors
+
+        first = int(self.attention_mask.any(0).long().argmax())
+        if first >= min_columns:
+            self.input_ids, self.attention_mask = self.input_ids[:, first:], self.attention_mask[:, first:]
+            self.cache = cache_from_tensors(tuple(t[:, :, first:] for t in cache_tensors(self.cache)), config)
+
+
+def _join(a: _Live, b: _Live, pad_id: int, config) -> _Live:
+    """One batch of a's rows then b's, the narrower left-padded (ids pad_id, mask 0, keys and values 0): positions
+    follow the mask, so padding on the left changes nothing for a row."""
+    from model.compat import cache_from_tensors, cache_tensors
+
+    L = max(a.input_ids.shape[1], b.input_ids.shape[1])
+
+    def left(x: torch.Tensor, width: int, value, dim: int) -> torch.Tensor:
+        if x.shape[dim] == width:
+            return x
+        shape = list(x.shape)
+        shape[dim] = width - x.shape[dim]
+        return torch.cat([x.new_full(shape, value), x], dim=dim)
+
+    kv = tuple(torch.cat([left(ta, L - 1, 0, 2), left(tb, L - 1, 0, 2)])
+               for ta, tb in zip(cache_tensors(a.cache), cache_tensors(b.cache)))
+    return _Live(rows=a.rows + b.rows, prompts=a.prompts + b.prompts,
+                 input_ids=torch.cat([left(a.input_ids, L, pad_id, 1), left(b.input_ids, L, pad_id, 1)]),
+                 attention_mask=torch.cat([left(a.attention_mask, L, 0, 1), left(b.attention_mask, L, 0, 1)]),
+                 cache=cache_from_tensors(kv, config), steps=np.concatenate([a.steps, b.steps]))
 
 
 @torch.no_grad()
-def _decode(model, input_ids, attention_mask, cache, row_seeds: np.ndarray, how: _Decoding):
-    """Decode every row until it is done (EOS, max_new_tokens, or `how.stop`), in rounds of `how.chunk` tokens:
-    after each round, rows that are done leave the batch (their cache rows too), so they cost nothing more.
-    -> per row: the new ids (nothing after the first EOS), their log-probs (or None), their RowCache (or None)."""
-    n = input_ids.shape[0]
-    tokens: list[list[int]] = [[] for _ in range(n)]
-    row_caches: list[RowCache | None] = [None] * n
-    logps: list[list[torch.Tensor]] = [[] for _ in range(n)]
-    live = list(range(n))  # rows still decoding; row j of the current batch is row live[j]
-    done_steps = 0
-    while live:
-        how.gen_config.max_new_tokens = min(how.chunk, how.max_new_tokens - done_steps)
-        chooser = RowChoice(row_seeds[live], done_steps, how.greedy, how.record) \
-            if (how.record or not how.greedy) else None
-        procs = _processors(how.vocab, how.temperature, how.top_k, how.top_p, chooser)
-        kwargs = cache_kwargs(model, cache) if cache is not None else {}
-        # synced_gpus=False: transformers would otherwise turn it on for an FSDP-managed model and all-reduce a flag
-        # every decoding step; the trainer gathers full parameters around generation instead (rl.dist.full_params),
-        # so each rank decodes alone, however many calls and steps its share takes
-        sequences = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=how.gen_config,
-                                   logits_processor=procs, synced_gpus=False, **kwargs)  # [n_live, P + k]
-        new = sequences[:, input_ids.shape[1]:]
-        k = new.shape[1]
-        logp = torch.stack(chooser.logp[:k], dim=1).cpu() if how.record and k else None  # [n_live, k]
-        done_steps += k
-        keep = []
-        for j, (row, ids) in enumerate(zip(live, new.cpu().tolist())):
-            ids, ended = _cut_at_eos(ids, how.eos)
-            tokens[row] += ids
-            if logp is not None:
-                logps[row].append(logp[j, :len(ids)])
-            if not ended and done_steps < how.max_new_tokens and not (how.stop and how.stop(tokens[row])):
-                keep.append(j)
-            elif how.keep_caches:  # taken before the row leaves the cache
-                row_caches[row] = _row_cache(cache, j, attention_mask, k, how.prompts[row], tokens[row])
-        if not keep or cache is None:
-            break
-        if len(keep) < len(live):
-            index = torch.tensor(keep, device=sequences.device)
-            cache.batch_select_indices(index)
-            sequences, attention_mask = sequences[index], attention_mask[index]
-        live = [live[j] for j in keep]
-        input_ids = sequences  # the cache holds all of it but the last token, which the next call feeds
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(live), k))], dim=1)
-    return (tokens, [torch.cat(lp) if lp else torch.zeros(0) for lp in logps] if how.record else None,
-            row_caches if how.keep_caches else None)
+def _decode_round(model, live: _Live, row_seeds: np.ndarray, how: _Decoding):
+    """One generate() call of up to `how.chunk` tokens for every live row (fewer if a row's max_new_tokens comes
+    sooner). -> per row, in live order: (new ids cut after the first EOS, their log-probs or None, whether the row
+    is done: EOS, max_new_tokens or `how.stop`), and the number of tokens generated."""
+    how.gen_config.max_new_tokens = int(min(how.chunk, (how.max_new_tokens - live.steps).min()))
+    chooser = RowChoice(row_seeds[live.rows], live.steps.copy(), how.greedy, how.record) \
+        if (how.record or not how.greedy) else None
+    procs = _processors(how.vocab, how.temperature, how.top_k, how.top_p, chooser)
+    kwargs = cache_kwargs(model, live.cache) if live.cache is not None else {}
+    # synced_gpus=False: transformers would otherwise turn it on for an FSDP-managed model and all-reduce a flag
+    # every decoding step; the trainer gathers full parameters around generation instead (rl.dist.full_params),
+    # so each rank decodes alone, however many calls and steps its share takes
+    sequences = model.generate(input_ids=live.input_ids, attention_mask=live.attention_mask,
+                               generation_config=how.gen_config, logits_processor=procs, synced_gpus=False,
+                               **kwargs)  # [n, L + k]
+    new = sequences[:, live.input_ids.shape[1]:]
+    k = new.shape[1]
+    logp = torch.stack(chooser.logp[:k], dim=1).cpu() if how.record and k else None  # [n, k]
+    live.steps = live.steps + k
+    results = []
+    for j, ids in enumerate(new.cpu().tolist()):
+        ids, ended = _cut_at_eos(ids, how.eos)
+        results.append((ids, logp[j, :len(ids)] if logp is not None else None,
+                        ended or live.steps[j] >= how.max_new_tokens))
+    live.input_ids = sequences  # the cache holds all of it but the last token, which the next call feeds
+    live.attention_mask = torch.cat([live.attention_mask, live.attention_mask.new_ones((len(live.rows), k))], dim=1)
+    return results, k
 
 
 def _cut_at_eos(tokens: list[int], eos: set[int]) -> tuple[list[int], bool]:
@@ -504,14 +532,14 @@ def sample(model, tokenizer, prompt_ids: list[list[int]], group_size: int = 8, m
            prefill_once: bool = True, share_prefix: bool = True, static_cache: bool = False,
            compile_decode: bool = True, progress: bool = False, row_seeds: list[int] | None = None, stop=None,
            decode_chunk: int = DECODE_CHUNK, caches: list[RowCache | None] | None = None,
-           keep_caches: bool = False) -> Rollouts:
+           keep_caches: bool = False, max_rows: int | None = None) -> Rollouts:
     """Sample `group_size` completions for each prompt (token ids, chat template already applied).
 
     greedy=True is for evaluation: one completion per prompt (group_size is ignored), argmax decoding.
     return_logprobs: also return the log-probs of the sampled ids under the distribution they were drawn from
         (temperature applied, real vocabulary only, top-k/top-p truncation if enabled).
     prefill_once: encode each prompt once for its G completions (else: expand the prompts G times, then prefill).
-    share_prefix: encode the prefix that all prompts of a batch share (the system prompt) once per batch.
+    share_prefix: encode the prefix that all prompts share (the system prompt) once per call.
     static_cache: static KV cache, prompt lengths padded to a multiple of 64 (fewer distinct shapes). It expands the
         prompts before prefill and decodes every row to the end. compile_decode: torch.compile the decode step
         (on any device; one compile per distinct batch size x cache length, on the first call of each).
@@ -524,6 +552,9 @@ def sample(model, tokenizer, prompt_ids: list[list[int]], group_size: int = 8, m
     caches: per prompt, a RowCache of an earlier call (or None): a prompt that continues that sequence encodes only
         the tokens after the prefix they share. keep_caches: return each completion's RowCache (Rollouts.caches).
         Both need group_size 1 and the dynamic cache; the caches stay on the model's device.
+    max_rows: at most this many rows decode at once (None: as many as token_budget allows); when rows finish,
+        waiting prompts join (dynamic cache with prefill_once; otherwise one batch after another).
+    progress: True for a progress bar of completions, or a bar of the caller's (anything with update(n)).
     """
     if not prompt_ids:
         raise ValueError("sample() got no prompts")
@@ -554,48 +585,89 @@ def sample(model, tokenizer, prompt_ids: list[list[int]], group_size: int = 8, m
                     chunk=max_new_tokens if static_cache else decode_chunk, stop=stop, keep_caches=keep_caches)
     pad_id = pad_id_of(tokenizer)
     length_multiple = STATIC_CACHE_LENGTH_MULTIPLE if static_cache else 1
-    batches = micro_batches([len(p) for p in prompt_ids], group_size, max_new_tokens, token_budget, length_multiple)
+    dynamic = not static_cache
+    refill = dynamic and prefill_once  # rows that finish make room for prompts still waiting
+    prefix_len = shared_prefix_length(prompt_ids) if refill and share_prefix and len(prompt_ids) > 1 else 0
+    prefix_len = prefix_len if prefix_len >= MIN_SHARED_PREFIX else 0
+    waiting = deque(sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i])))  # short first: less padding
+    most_rows = max_rows if max_rows else math.inf
 
-    tokens_of: dict[int, list[int]] = {}  # completion index (prompt * G + g) -> new ids
-    logp_of: dict[int, torch.Tensor] = {}
+    def room_for_next(live: _Live | None, take: list[int]) -> bool:
+        """May the next waiting prompt (its G rows) join the batch? Always when nothing else would run."""
+        if live is None and not take:
+            return True
+        if live is not None and not refill:
+            return False
+        rows = (len(live.rows) if live is not None else 0) + (len(take) + 1) * group_size
+        longest = _round_up(max(len(prompt_ids[i]) for i in take + [waiting[0]]), length_multiple)
+        width = max(longest, live.input_ids.shape[1] if live is not None else 0) + max_new_tokens
+        return rows <= most_rows and rows * width <= token_budget
+
+    def admit(take: list[int]) -> _Live:
+        """Prefill the prompts `take` (each once, from the shared prefix's keys and values) -> their G rows each."""
+        prompts = [prompt_ids[i] for i in take]
+        held = [caches[i] for i in take] if caches is not None else []
+        if any(c is not None for c in held):  # continuations: each row reuses what its cache holds
+            input_ids, attention_mask, cache = _prefill_from_caches(model, prompts, held, pad_id)
+        else:
+            input_ids, attention_mask = left_pad(prompts, pad_id, length_multiple, model.device, prefix_len)
+            if refill:
+                cache = _prefill(model, input_ids, attention_mask, group_size, prefix_len, prefix_kv)
+            elif dynamic:
+                from transformers import DynamicCache
+                cache = DynamicCache(config=model.config)
+            else:
+                cache = None  # generate() builds the static cache
+        rows = [i * group_size + g for i in take for g in range(group_size)]  # completion indices
+        return _Live(rows=rows, prompts=[p for p in prompts for _ in range(group_size)],
+                     input_ids=input_ids.repeat_interleave(group_size, dim=0),  # [B*G, P]
+                     attention_mask=attention_mask.repeat_interleave(group_size, dim=0), cache=cache,
+                     steps=np.zeros(len(rows), dtype=np.int64))
+
+    N = len(prompt_ids) * group_size
+    tokens_of: list[list[int]] = [[] for _ in range(N)]  # completion index (prompt * G + g) -> new ids
+    logp_of: list[list[torch.Tensor]] = [[] for _ in range(N)]
     cache_of: dict[int, RowCache] = {}
+    bar = progress if hasattr(progress, "update") else tqdm(total=N, desc="sampling", disable=not progress,
+                                                             leave=False)
     was_training = model.training
     model.eval()
     try:
         with _clean_model_generation_config(model, how.gen_config):
-            for batch in tqdm(batches, desc="sampling", disable=not progress, leave=False):
-                prompts = [prompt_ids[i] for i in batch]
-                rows = [i * group_size + g for i in batch for g in range(group_size)]  # completion indices
-                dynamic = not static_cache
-                prefix_len = shared_prefix_length(prompts) if dynamic and share_prefix and len(batch) > 1 else 0
-                prefix_len = prefix_len if prefix_len >= MIN_SHARED_PREFIX else 0
-                held = [caches[i] for i in batch] if caches is not None else []
-                if any(c is not None for c in held):  # continuations: each row reuses what its cache holds
-                    input_ids, attention_mask, cache = _prefill_from_caches(model, prompts, held, pad_id)
-                else:
-                    input_ids, attention_mask = left_pad(prompts, pad_id, length_multiple, model.device, prefix_len)
-                    if dynamic and prefill_once:
-                        cache = _prefill(model, input_ids, attention_mask, group_size, prefix_len)
-                    elif dynamic:
-                        from transformers import DynamicCache
-                        cache = DynamicCache(config=model.config)
-                    else:
-                        cache = None  # generate() builds the static cache
-                input_ids = input_ids.repeat_interleave(group_size, dim=0)  # [B*G, P]
-                attention_mask = attention_mask.repeat_interleave(group_size, dim=0)
-                how.prompts = prompts  # group_size is 1 when caches are kept: one row per prompt
-                new_ids, logps, row_caches = _decode(model, input_ids, attention_mask, cache, seeds[rows], how)
-                for r, n in enumerate(rows):
-                    tokens_of[n] = new_ids[r]
-                    if logps is not None:
-                        logp_of[n] = logps[r]
-                    if row_caches is not None:
-                        cache_of[n] = row_caches[r]
+            prefix_kv = _prefix_kv(model, prompt_ids[0][:prefix_len], model.device) if prefix_len else ()
+            live = None
+            while waiting or live is not None:
+                take = []
+                while waiting and room_for_next(live, take):
+                    take.append(waiting.popleft())
+                if take:
+                    joining = admit(take)
+                    live = joining if live is None else _join(live, joining, pad_id, model.config)
+                results, _ = _decode_round(model, live, seeds, how)
+                keep = []
+                for j, (ids, logp, done) in enumerate(results):
+                    n = live.rows[j]
+                    tokens_of[n] += ids
+                    if logp is not None:
+                        logp_of[n].append(logp)
+                    if not done and not (stop and stop(tokens_of[n])):
+                        keep.append(j)
+                        continue
+                    if keep_caches:  # taken before the row leaves the cache
+                        cache_of[n] = _row_cache(live.cache, j, live.attention_mask, 0, live.prompts[j], tokens_of[n])
+                    bar.update(1)
+                if not keep or live.cache is None:  # a static cache decodes every row to its end in one call
+                    bar.update(len(keep))
+                    live = None
+                elif len(keep) < len(live.rows):
+                    live.select(keep)
+                    live.trim(model.config)
     finally:
         model.train(was_training)
+        if bar is not progress:
+            bar.close()
 
-    N = len(prompt_ids) * group_size
-    completion_ids = [tokens_of[n] for n in range(N)]
+    completion_ids = tokens_of
     truncated = [not ids or ids[-1] not in eos for ids in completion_ids]
     T = max(1, max(len(c) for c in completion_ids))
     response_mask = torch.zeros((N, T), dtype=torch.long)  # [N, T]
@@ -605,7 +677,7 @@ def sample(model, tokenizer, prompt_ids: list[list[int]], group_size: int = 8, m
                                    skip_special_tokens=False)
     return Rollouts(prompt_index=[n // group_size for n in range(N)], completion_ids=completion_ids,
                     response_mask=response_mask, truncated=truncated,
-                    sampler_logp=[logp_of[n] for n in range(N)] if return_logprobs else None, texts=texts,
+                    sampler_logp=[torch.cat(lp) if lp else torch.zeros(0) for lp in logp_of] if return_logprobs else None, texts=texts,
                     group_size=group_size, caches=[cache_of[n] for n in range(N)] if keep_caches else None)
 
 

@@ -5,7 +5,7 @@ import importlib.util
 import pytest
 import torch
 
-from model.sample import (_processors, build_generation_config, eos_token_ids, logprob_gap, micro_batches,
+from model.sample import (_processors, build_generation_config, eos_token_ids, logprob_gap,
                           pad_id_of, rank_seed, real_vocab_size, sample, shard_indices)
 
 PROMPTS = ["call get_weather for Paris", "hi", "a somewhat longer prompt, with a tool list: [f(x), g(y)]"]
@@ -146,14 +146,7 @@ def test_rank_seed_and_shards():
         shard_indices(10, 3, 3)
 
 
-def test_micro_batches_respect_budget_and_keep_order(tiny_model, tiny_tokenizer):
-    lengths, G, new, budget = [5, 40, 17, 3, 29, 11, 8], 4, 16, 400
-    batches = micro_batches(lengths, G, new, budget)
-    assert sorted(sum(batches, [])) == list(range(len(lengths)))
-    for b in batches:
-        assert len(b) * G * (max(lengths[i] for i in b) + new) <= budget or len(b) == 1
-    assert len(micro_batches([50], G, new, 10)) == 1  # a prompt over budget still gets its own batch
-
+def test_token_budget_and_max_rows_change_no_result(tiny_model, tiny_tokenizer):
     model, prompts = tiny_model.double(), encode(tiny_tokenizer)
     kw = dict(group_size=2, max_new_tokens=6, temperature=1.0, return_logprobs=True)
     one_call = sample(model, tiny_tokenizer, prompts, greedy=True, **kw)
@@ -359,6 +352,45 @@ def test_finished_rows_leave_the_batch_with_the_same_results(tiny_model, tiny_to
     stopped = sample(model, tiny_tokenizer, prompts, decode_chunk=4, stop=lambda ids: len(ids) >= 6, **kw)
     for ids, full in zip(stopped.completion_ids, plain.completion_ids):
         assert ids == full[:len(ids)] and len(ids) == min(len(full), 8)
+
+
+def test_waiting_prompts_take_the_places_of_finished_rows(tiny_model, tiny_tokenizer, monkeypatch):
+    """With max_rows, prompts wait until rows finish and then join the running batch (left-padded to its width,
+    each from its own step of its random stream): every completion and log-prob is the one it gets alone
+    (float64, per-row seeds, EOS, truncation, the shared prefix, a stop test), and no forward sees more rows."""
+    model = eos_likely(tiny_model.double(), tiny_tokenizer.eos_token_id, strength=3.0)
+    prefix = tiny_tokenizer.encode("the system prompt all of them share: ")
+    texts = ["a", "call get_weather for Paris", "hi", "a somewhat longer prompt, with a tool list: [f(x), g(y)]",
+             "book a table for two at eight", "what is 2 + 2?", "x" * 37]
+    prompts = [prefix + tiny_tokenizer.encode(t) for t in texts]
+    G, max_new, most = 2, 20, 4
+    seeds = list(range(500, 500 + len(prompts) * G))
+    kw = dict(group_size=G, max_new_tokens=max_new, temperature=1.0, return_logprobs=True, decode_chunk=3)
+    shapes = []
+    forward = type(model).forward
+
+    @functools.wraps(forward)
+    def recording_forward(self, *args, **kwargs):
+        shapes.append(tuple(kwargs.get("input_ids", args[0] if args else None).shape))
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "forward", recording_forward)
+    refilled = sample(model, tiny_tokenizer, prompts, row_seeds=seeds, max_rows=most, **kw)
+    decode_rows = [rows for rows, width in shapes if width == 1]
+    admissions_while_decoding = [i for i, (rows, width) in enumerate(shapes)
+                                 if width > 1 and any(w == 1 for _, w in shapes[:i])]
+    prefix_forwards = shapes.count((1, len(prefix)))
+    for i, p in enumerate(prompts):
+        alone = sample(model, tiny_tokenizer, [p], row_seeds=seeds[i * G:(i + 1) * G], **kw)
+        assert refilled.completion_ids[i * G:(i + 1) * G] == alone.completion_ids, i
+        for got, want in zip(refilled.sampler_logp[i * G:(i + 1) * G], alone.sampler_logp):
+            assert torch.allclose(got, want, atol=1e-9)
+    assert 0 < sum(refilled.truncated) < len(refilled), "test needs both finished and truncated completions"
+    assert max(decode_rows) <= most and admissions_while_decoding, (decode_rows, admissions_while_decoding)
+    assert prefix_forwards == 1  # the shared prefix was encoded once for the whole call, not once per admission
+    stopped = sample(model, tiny_tokenizer, prompts, row_seeds=seeds, max_rows=3, stop=lambda ids: len(ids) >= 5, **kw)
+    for ids, full in zip(stopped.completion_ids, refilled.completion_ids):
+        assert ids == full[:len(ids)] and len(ids) == min(len(full), 6)  # checked every 3 tokens
 
 
 def test_continuing_from_kept_caches_equals_encoding_the_whole_prompt(tiny_model, tiny_tokenizer, monkeypatch):
