@@ -430,3 +430,31 @@ def test_continuing_from_kept_caches_equals_encoding_the_whole_prompt(tiny_model
         sample(model, tok, prompts, group_size=2, caches=[None] * 3)
     with pytest.raises(ValueError, match="one entry"):
         sample(model, tok, prompts, greedy=True, caches=[None])
+
+
+def test_growing_cache_layer_appends_in_place_and_holds_what_concatenation_would():
+    """The sampler's cache layer: after every update, batch selection and crop it holds exactly the keys and values
+    that transformers' concatenating DynamicLayer holds, and an append within the spare columns copies nothing."""
+    from transformers.cache_utils import DynamicLayer
+    from model.sample import _GrowingLayer
+
+    gen = torch.Generator().manual_seed(3)
+    ours, plain = _GrowingLayer(), DynamicLayer()
+    B, h, d = 5, 3, 7
+    pointers = []
+    for step, k in enumerate([11, 1, 1, 1, 3, 1, 1, 130, 1, 1]):
+        keys, values = (torch.randn(B, h, k, d, dtype=torch.float64, generator=gen) for _ in range(2))
+        got, want = ours.update(keys, values), plain.update(keys, values)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), step
+        pointers.append(ours.keys.data_ptr())
+        if step == 4:  # rows leave the batch
+            index = torch.tensor([0, 2, 3, 4])
+            ours.batch_select_indices(index)
+            plain.batch_select_indices(index)
+            B = 4
+        if step == 8:
+            ours.crop(-2)
+            plain.crop(-2)
+    assert len(set(pointers[1:4])) == 1  # appends within the spare columns wrote in place
+    assert pointers[5] != pointers[4] and pointers[7] != pointers[6]  # after a selection, and past the capacity
+    assert torch.equal(ours.keys, plain.keys) and torch.equal(ours.values, plain.values)
