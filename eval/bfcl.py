@@ -725,7 +725,8 @@ def main(argv=None):
                    f"non_live / live / multi_turn (categories: {', '.join(CATEGORIES + MULTI_TURN_CATEGORIES)})")
     p.add_argument("--limit", type=int, default=None, help="items per category: a fixed random subset (seed 0)")
     p.add_argument("--out", default=None, help="output folder (default runs/bfcl/<model>)")
-    p.add_argument("--batch-size", type=int, default=16, help="prompts per generate call (sorted by length)")
+    p.add_argument("--batch-size", type=int, default=16,
+                   help="rows decoding at once (prompts sorted by length; a finished row's place goes to the next one)")
     p.add_argument("--answer-format", choices=("think", "plain"), default=None,
                    help="think: <think>..</think><answer>[calls]</answer>; plain: the call list (default: the "
                    "checkpoint's run_config.json, else think)")

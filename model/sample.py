@@ -328,6 +328,7 @@ class _GrowingLayer(DynamicLayer):
         held = getattr(self, "_held", None)  # (key buffer, value buffer) [B, h, capacity, d]
         if (held is None or n == 0 or self.keys.data_ptr() != held[0].data_ptr()
                 or self.keys.shape[:2] != held[0].shape[:2] or n + k > held[0].shape[-2]):
+            self._held = None  # free the old buffers (after a row selection, keys is a copy) before allocating
             held = tuple(new.new_empty((*new.shape[:2], n + k + self.SPARE, new.shape[-1]))
                          for new in (key_states, value_states))
             if n:
