@@ -338,6 +338,12 @@ class _GrowingLayer(DynamicLayer):
         self.keys, self.values = held[0][..., :n + k, :], held[1][..., :n + k, :]
         return self.keys, self.values
 
+    def hold(self, key_buffer: torch.Tensor, value_buffer: torch.Tensor, n: int) -> None:
+        """Take buffers [B, h, capacity, d] whose first n columns are the keys and values (no copy)."""
+        self.lazy_initialization(key_buffer[..., :0, :], value_buffer[..., :0, :])
+        self._held = (key_buffer, value_buffer)
+        self.keys, self.values = key_buffer[..., :n, :], value_buffer[..., :n, :]
+
 
 def _new_cache(config, kv: tuple = ()):
     """A DynamicCache whose full-attention layers append in place (_GrowingLayer), holding `kv` (flat per-layer
@@ -488,7 +494,8 @@ class _Live:
 
 def _join(a: _Live, b: _Live, pad_id: int, config) -> _Live:
     """One batch of a's rows then b's, the narrower left-padded (ids pad_id, mask 0, keys and values 0): positions
-    follow the mask, so padding on the left changes nothing for a row."""
+    follow the mask, so padding on the left changes nothing for a row. The joined keys and values are written once,
+    straight into the buffers the cache then grows in (while a's cache is alive: twice a's size at the peak)."""
     from model.compat import cache_tensors
 
     L = max(a.input_ids.shape[1], b.input_ids.shape[1])
@@ -500,12 +507,25 @@ def _join(a: _Live, b: _Live, pad_id: int, config) -> _Live:
         shape[dim] = width - x.shape[dim]
         return torch.cat([x.new_full(shape, value), x], dim=dim)
 
-    kv = tuple(torch.cat([left(ta, L - 1, 0, 2), left(tb, L - 1, 0, 2)])
-               for ta, tb in zip(cache_tensors(a.cache), cache_tensors(b.cache)))
+    na, width = len(a.rows), L - 1  # the cache holds all but the last column
+    buffers = []
+    for ta, tb in zip(cache_tensors(a.cache), cache_tensors(b.cache)):  # [n, h, columns, d]
+        buffer = ta.new_empty((na + len(b.rows), ta.shape[1], width + _GrowingLayer.SPARE, ta.shape[3]))
+        for rows, t in ((slice(0, na), ta), (slice(na, None), tb)):
+            pad = width - t.shape[2]
+            buffer[rows, :, :pad] = 0  # masked columns: zeros, never uninitialised memory (0 x NaN is NaN)
+            buffer[rows, :, pad:width] = t
+        buffers.append(buffer)
+    cache = _new_cache(config)
+    for i, layer in enumerate(cache.layers):
+        if isinstance(layer, _GrowingLayer):
+            layer.hold(buffers[2 * i], buffers[2 * i + 1], width)
+        else:
+            cache.update(buffers[2 * i][..., :width, :], buffers[2 * i + 1][..., :width, :], i)
     return _Live(rows=a.rows + b.rows, prompts=a.prompts + b.prompts,
                  input_ids=torch.cat([left(a.input_ids, L, pad_id, 1), left(b.input_ids, L, pad_id, 1)]),
                  attention_mask=torch.cat([left(a.attention_mask, L, 0, 1), left(b.attention_mask, L, 0, 1)]),
-                 cache=_new_cache(config, kv), steps=np.concatenate([a.steps, b.steps]))
+                 cache=cache, steps=np.concatenate([a.steps, b.steps]))
 
 
 @torch.no_grad()

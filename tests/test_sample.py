@@ -458,3 +458,15 @@ def test_growing_cache_layer_appends_in_place_and_holds_what_concatenation_would
     assert len(set(pointers[1:4])) == 1  # appends within the spare columns wrote in place
     assert pointers[5] != pointers[4] and pointers[7] != pointers[6]  # after a selection, and past the capacity
     assert torch.equal(ours.keys, plain.keys) and torch.equal(ours.values, plain.values)
+
+    # a layer handed preallocated buffers (as _join builds them) appends into them, without a copy
+    n = plain.keys.shape[2]
+    buffers = [torch.full((B, h, n + 2, d), float("nan"), dtype=torch.float64) for _ in range(2)]
+    buffers[0][..., :n, :], buffers[1][..., :n, :] = plain.keys, plain.values
+    held = _GrowingLayer()
+    held.hold(*buffers, n)
+    for step in range(3):  # the third append passes the capacity
+        keys, values = (torch.randn(B, h, 1, d, dtype=torch.float64, generator=gen) for _ in range(2))
+        got, want = held.update(keys, values), plain.update(keys, values)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), step
+        assert (held.keys.data_ptr() == buffers[0].data_ptr()) == (step < 2), step
