@@ -393,6 +393,25 @@ def test_waiting_prompts_take_the_places_of_finished_rows(tiny_model, tiny_token
         assert ids == full[:len(ids)] and len(ids) == min(len(full), 6)  # checked every 3 tokens
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (refill and the growing cache on CUDA)")
+def test_waiting_prompts_take_the_places_of_finished_rows_on_cuda(tiny_tokenizer):
+    """The refill path on CUDA (joins, left padding, the cache grown in place): every completion and log-prob is
+    the one it gets alone (float64, per-row seeds)."""
+    from model.tiny import tiny_model
+    model = eos_likely(tiny_model(tiny_tokenizer).double().eval(), tiny_tokenizer.eos_token_id, strength=3.0).cuda()
+    prompts = encode(tiny_tokenizer, PROMPTS + ["book a table for two at eight", "x" * 37])
+    G = 2
+    seeds = list(range(700, 700 + len(prompts) * G))
+    kw = dict(group_size=G, max_new_tokens=20, temperature=1.0, return_logprobs=True, decode_chunk=3)
+    refilled = sample(model, tiny_tokenizer, prompts, row_seeds=seeds, max_rows=3, **kw)
+    for i, p in enumerate(prompts):
+        alone = sample(model, tiny_tokenizer, [p], row_seeds=seeds[i * G:(i + 1) * G], **kw)
+        assert refilled.completion_ids[i * G:(i + 1) * G] == alone.completion_ids, i
+        for got, want in zip(refilled.sampler_logp[i * G:(i + 1) * G], alone.sampler_logp):
+            assert torch.allclose(got, want, atol=1e-9)
+
+
 def test_continuing_from_kept_caches_equals_encoding_the_whole_prompt(tiny_model, tiny_tokenizer, monkeypatch):
     """A conversation's next step (multi-turn evaluation) reuses the keys and values of what was encoded before
     and encodes only the new tokens; the results are those of encoding every prompt whole (float64, sampled with
