@@ -363,8 +363,9 @@ def _prefix_kv(model, prefix: list[int], device) -> tuple:
 
     cache = DynamicCache(config=model.config)
     ids = torch.tensor([prefix], dtype=torch.long, device=device)
-    model(input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=torch.arange(len(prefix), device=device)[None],
-          use_cache=True, logits_to_keep=1, **cache_kwargs(model, cache))
+    model(input_ids=ids, attention_mask=torch.ones_like(ids),
+          position_ids=torch.arange(len(prefix), device=device)[None], use_cache=True, logits_to_keep=1,
+          **cache_kwargs(model, cache))
     return cache_tensors(cache)
 
 
@@ -721,9 +722,9 @@ def sample(model, tokenizer, prompt_ids: list[list[int]], group_size: int = 8, m
         response_mask[n, :len(ids)] = 1
     texts = tokenizer.batch_decode([ids[:-1] if ids and ids[-1] in eos else ids for ids in completion_ids],
                                    skip_special_tokens=False)
+    sampler_logp = [torch.cat(lp) if lp else torch.zeros(0) for lp in logp_of] if return_logprobs else None
     return Rollouts(prompt_index=[n // group_size for n in range(N)], completion_ids=completion_ids,
-                    response_mask=response_mask, truncated=truncated,
-                    sampler_logp=[torch.cat(lp) if lp else torch.zeros(0) for lp in logp_of] if return_logprobs else None, texts=texts,
+                    response_mask=response_mask, truncated=truncated, sampler_logp=sampler_logp, texts=texts,
                     group_size=group_size, caches=[cache_of[n] for n in range(N)] if keep_caches else None)
 
 
