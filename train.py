@@ -30,7 +30,8 @@ from model.checkpoint import (checkpoint_problem, checkpoints_newest_first, drop
                               is_old_format, latest_checkpoint, prune_checkpoints, resume_training,
                               save_training_checkpoint, save_warmed_up_policy)
 from model.compat import enable_activation_checkpointing
-from model.load import ModelLoadError, autocast_to, load_model, load_tokenizer, pick_device, pick_dtype
+from model.load import (ModelLoadError, autocast_to, load_model, load_tokenizer, pick_device, pick_dtype,
+                        pick_rollout_dtype)
 from model.sample import real_vocab_size
 from model.score import PolicyScorer, describe_paths
 from rl.config_cli import config_to_json, parse_config
@@ -53,6 +54,7 @@ class Config:
     seed: int = 0  # seeds data order, sampling (per step and rank) and init
     device: str = "auto"  # auto (cuda if available, else cpu), cpu, cuda
     dtype: str = "auto"  # compute dtype: auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16 (fp32 masters kept)
+    rollout_dtype: str = "auto"  # sampling precision: auto (bf16 where the device has native bf16, else --dtype)
     attn: str = "auto"  # auto (flash_attention_2 if importable on CUDA, else sdpa), sdpa, eager
     cache_dir: str = ""  # where smollm2-135m is converted on first use (default $FUNRL_CACHE or ~/.cache/funrl)
     # --- data and prompt ---
@@ -83,6 +85,7 @@ class Config:
     minibatches: int = 1  # optimizer steps per pass (1 = on-policy: old log-probs are the current ones)
     eps_low: float = 0.2  # PPO clip: ratio >= 1 - eps_low
     eps_high: float = 0.2  # PPO clip: ratio <= 1 + eps_high (raise for DAPO's clip-higher)
+    tis_cap: float = 2.0  # weigh each token by min(pi_old / pi_sampler, cap) (rollout precision mismatch); 0 = off
     kl_coef: float = 0.001  # beta of the k3 KL to the frozen reference; 0 = no reference model at all
     entropy_coef: float = 0.4  # FunRL lambda: A' = A + min(lambda * H, |A| / kappa); 0 = plain GRPO
     entropy_kappa: float = 2.0  # FunRL kappa: caps the bonus at |A| / kappa so it never flips A's sign
@@ -140,6 +143,7 @@ class Config:
             (self.warmup_steps >= 0, "warmup_steps must be >= 0"),
             (self.minibatches >= 1 and self.ppo_epochs >= 1, "minibatches and ppo_epochs must be >= 1"),
             (0 <= self.eps_low < 1 and self.eps_high >= 0, "eps_low must be in [0, 1) and eps_high >= 0"),
+            (self.tis_cap == 0 or self.tis_cap >= 1, "tis_cap must be 0 (off) or >= 1"),
             (self.kl_coef >= 0 and self.entropy_coef >= 0, "kl_coef and entropy_coef must be >= 0"),
             (self.entropy_kappa >= 1,
              "entropy_kappa must be >= 1, or the bonus could flip the sign of a negative advantage"),
@@ -159,6 +163,8 @@ class Config:
         if self.dtype not in ("auto", "float32", "fp32", "bfloat16", "bf16"):
             raise ValueError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r} (float16 training would "
                              "need loss scaling; bfloat16 does not)")
+        if self.rollout_dtype not in ("auto", "float32", "fp32", "bfloat16", "bf16"):
+            raise ValueError(f"rollout_dtype must be auto, float32 or bfloat16, got {self.rollout_dtype!r}")
 
     @property
     def prompt_format(self) -> PromptFormat:
@@ -216,6 +222,7 @@ def main(argv=None):
     start_from = str(resume_from) if resume_from else (str(warm_dir) if warm_ok else cfg.model)
     # mixed precision: the policy's master weights and optimizer state in fp32, its matmuls in the compute dtype
     compute_dtype = pick_dtype(cfg.dtype, device)
+    rollout_dtype = pick_rollout_dtype(cfg.rollout_dtype, compute_dtype, device)  # see README, Sampling
     try:
         tokenizer = load_tokenizer(cfg.model if start_from == cfg.model else start_from, cfg.cache_dir or None)
         policy = load_model(start_from, device, "float32", cfg.attn, cfg.cache_dir or None)
@@ -235,7 +242,8 @@ def main(argv=None):
     scorer = PolicyScorer(policy, vocab_size, cfg.share_prompt_kv and not cfg.fsdp, compute_dtype, cfg.segment_tokens)
     train_scorer = wrap_for_training(scorer, policy, cfg.fsdp, d, device, compute_dtype)
     n_params = sum(p.numel() for p in policy.parameters())
-    log(f"[train] {describe_paths(policy, compute_dtype, cfg.fsdp)}")
+    log(f"[train] {describe_paths(policy, compute_dtype, cfg.fsdp)}; rollouts sampled in "
+        f"{str(rollout_dtype).removeprefix('torch.')}")
     log(f"[train] policy {start_from} on {device} x{d.world}, {n_params / 1e6:.1f}M params, {len(train_records)} "
         f"train / {len(val_records)} val records -> {run_dir}")
 
@@ -291,7 +299,7 @@ def main(argv=None):
         # 1) rollouts: every rank samples and rewards its share of the step's prompts
         t0 = time.time()
         policy.eval()
-        with full_params(scorer, cfg.fsdp), autocast_to(compute_dtype, device):
+        with full_params(scorer, cfg.fsdp), autocast_to(rollout_dtype, device):  # weights cast once per step
             batch = collect_rollouts(policy, tokenizer, cursor, step, cfg, d)
         t_sample = time.time() - t0
 

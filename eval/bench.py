@@ -187,10 +187,11 @@ def bench_kernels(argv):
             "repeats": repeats, "results": rows}
 
 
-def machine_ceilings(device: torch.device) -> dict:
-    """Measured ceilings of this machine: dense matmul FLOP/s in the compute dtype, and memory copy bandwidth
-    (bytes read + written per second). They bound what decoding can reach (see `decode_bound_s`)."""
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+def machine_ceilings(device: torch.device, dtype: torch.dtype | None = None) -> dict:
+    """Measured ceilings of this machine: dense matmul FLOP/s in `dtype` (default: the compute dtype, bf16 on CUDA
+    and fp32 on CPU), and memory copy bandwidth (bytes read + written per second). They bound what decoding can
+    reach (see `decode_bound_s`)."""
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     n = 4096 if device.type == "cuda" else 1536
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     src = torch.empty(2 ** 26 if device.type == "cuda" else 2 ** 25, device=device)  # 256 / 128 MiB fp32
@@ -213,15 +214,17 @@ def machine_ceilings(device: torch.device) -> dict:
     return {"matmul_flops": flops, "copy_bytes_per_s": copy}
 
 
-def decode_bound_s(model, prompt_tokens: int, completion_lengths: list[int], ceilings: dict) -> float:
+def decode_bound_s(model, prompt_tokens: int, completion_lengths: list[int], ceilings: dict,
+                   weight_bytes_each: int | None = None) -> float:
     """Least time the work could take on this machine: every matmul weight is read once per decode step (steps =
     the longest completion: rows decode in lockstep), and 2 FLOPs per weight per token processed (each distinct
     prompt token once, each useful completion token once); the larger of the two. Attention FLOPs and the KV
-    cache reads are left out, so the bound is optimistic."""
+    cache reads are left out, so the bound is optimistic. weight_bytes_each: bytes per weight as the matmuls read
+    it (default: the model's; 2 under bf16 autocast, with ceilings measured in bf16)."""
     embed, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
     matmul_weights = sum(p.numel() for p in model.parameters()) - embed.numel() + \
         (head.numel() if head is embed else 0)
-    weight_bytes = matmul_weights * embed.element_size()
+    weight_bytes = matmul_weights * (weight_bytes_each or embed.element_size())
     compute_s = 2 * matmul_weights * (prompt_tokens + sum(completion_lengths)) / ceilings["matmul_flops"]
     bandwidth_s = max(completion_lengths, default=0) * weight_bytes / ceilings["copy_bytes_per_s"]
     return max(compute_s, bandwidth_s)
@@ -242,6 +245,7 @@ def bench_sampler(argv):
 
     from data.calls import PromptFormat, render_prompt
     from data.default import load_default
+    from model.load import autocast_to, pick_rollout_dtype
     from model.sample import eos_token_ids, pad_id_of, sample
 
     ap = argparse.ArgumentParser(prog="python -m eval.bench sampler")
@@ -266,6 +270,9 @@ def bench_sampler(argv):
                     help="also time the static-cache sampler with its compiled decode step (auto: on CUDA only)")
     ap.add_argument("--bandwidth-gbs", type=float, default=None, help="memory bandwidth for the bound (default: "
                     "measured by a copy)")
+    ap.add_argument("--rollout-dtype", default="auto", help="the sampler's precision, as train.py --rollout-dtype "
+                    "(auto: bf16 where the device has native bf16); plain generate runs in the model's dtype, and "
+                    "also in this one when they differ")
     args = ap.parse_args(argv)
 
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
@@ -326,21 +333,37 @@ def bench_sampler(argv):
             return out.completion_ids
         return run
 
-    methods = {}
+    model_dtype = next(model.parameters()).dtype
+    rollout_dtype = pick_rollout_dtype(args.rollout_dtype, model_dtype, device)
+    lower = rollout_dtype != model_dtype  # the trainer then samples under autocast (its weights cast once per call)
+    name = lambda dtype: str(dtype).removeprefix("torch.")  # noqa: E731
+
+    methods = {}  # key -> (label, fn, the dtype its matmuls run in)
+
+    def add(key, label, fn, dtype):  # fn runs as the trainer runs its rollouts: under autocast to `dtype`
+        def run(prompts, r):
+            with autocast_to(dtype, device):
+                return fn(prompts, r)
+        methods[key] = (f"{label}, {name(dtype)}" if not label.startswith(" ") else label, run, dtype)
+
     if not args.skip_naive:
-        methods["naive"] = ("naive loop (1 generate per completion)", naive)
-    methods["batched"] = ("batched generate (num_return_sequences)", plain_batched)
-    methods["sampler_trainer"] = ("sampler, trainer config (all parts)", sampler())
+        add("naive", "naive loop (1 generate per completion)", naive, model_dtype)
+    add("batched", "batched generate (num_return_sequences)", plain_batched, model_dtype)
+    if lower:
+        add("batched_rollout_dtype", "batched generate", plain_batched, rollout_dtype)
+    add("sampler_trainer", "sampler, trainer config (all parts)", sampler(), rollout_dtype)
+    if lower:
+        add("sampler_trainer_model_dtype", "sampler, trainer config", sampler(), model_dtype)
     if not args.skip_ablations:
-        methods["sampler_no_prune"] = ("  without dropping finished rows", sampler(decode_chunk=new))
-        methods["sampler_no_prefix"] = ("  without the shared prefix", sampler(share_prefix=False))
-        methods["sampler_expand"] = ("  expand then prefill, nothing shared or dropped",
-                                     sampler(prefill_once=False, share_prefix=False, decode_chunk=new))
+        add("sampler_no_prune", "  without dropping finished rows", sampler(decode_chunk=new), rollout_dtype)
+        add("sampler_no_prefix", "  without the shared prefix", sampler(share_prefix=False), rollout_dtype)
+        add("sampler_expand", "  expand then prefill, nothing shared or dropped",
+            sampler(prefill_once=False, share_prefix=False, decode_chunk=new), rollout_dtype)
     static = args.static == "on" or (args.static == "auto" and device.type == "cuda")
     compile_s = None
     if static:
-        methods["sampler_trainer_static"] = ("sampler, trainer config, static cache + compiled decode",
-                                             sampler(static_cache=True))
+        add("sampler_trainer_static", "sampler, trainer config, static cache + compiled decode",
+            sampler(static_cache=True), rollout_dtype)
         t0 = time.perf_counter()
         methods["sampler_trainer_static"][1](rounds[0], 0)  # first call: compiles (on any device)
         sync()
@@ -349,10 +372,14 @@ def bench_sampler(argv):
     ceilings = machine_ceilings(device)
     if args.bandwidth_gbs:
         ceilings["copy_bytes_per_s"] = args.bandwidth_gbs * 1e9
+    # each method's bound in the precision its matmuls run in
+    ceilings_in = {model_dtype: ceilings}
+    if lower:
+        ceilings_in[rollout_dtype] = dict(ceilings, matmul_flops=machine_ceilings(device, rollout_dtype)["matmul_flops"])
     totals = {key: {"tokens": 0, "seconds": 0.0, "bound_s": 0.0} for key in methods}
     with torch.no_grad():
         for r, prompts in enumerate(rounds):
-            for key, (label, fn) in methods.items():
+            for key, (label, fn, _) in methods.items():
                 if key == "naive" and r > 0:
                     continue
                 sync()
@@ -365,12 +392,14 @@ def bench_sampler(argv):
                     sum(len(p) for p in [p for p in prompts for _ in range(G)][:args.naive_completions])
                 totals[key]["tokens"] += sum(lengths)
                 totals[key]["seconds"] += seconds
-                totals[key]["bound_s"] += decode_bound_s(model, prompt_tokens, lengths, ceilings)
+                dtype = methods[key][2]
+                totals[key]["bound_s"] += decode_bound_s(model, prompt_tokens, lengths, ceilings_in[dtype],
+                                                         dtype.itemsize)
                 print(f"  round {r}: {label.strip()}: {sum(lengths)} tokens in {seconds:.2f}s", file=sys.stderr,
                       flush=True)
 
     rows = []
-    for key, (label, _) in methods.items():
+    for key, (label, _, _) in methods.items():
         t = totals[key]
         rows.append({"key": key, "method": label, "tokens": t["tokens"], "seconds": t["seconds"],
                      "tok_per_s": t["tokens"] / t["seconds"], "bound_fraction": t["bound_s"] / t["seconds"]})
@@ -381,13 +410,16 @@ def bench_sampler(argv):
     lengths = [len(p) for prompts in rounds for p in prompts]
     print(f"sampler: {model_name} on {device.type}, {args.rounds} rounds of {args.prompts} default-data prompts "
           f"({min(lengths)}-{max(lengths)} tokens) x G={G}, up to {new} new tokens, temperature {args.temperature}, "
-          f"{torch.get_num_threads()} threads; ceilings: {ceilings['matmul_flops'] / 1e9:.0f} GFLOP/s matmul, "
-          f"{ceilings['copy_bytes_per_s'] / 1e9:.1f} GB/s copy")
+          f"{torch.get_num_threads()} threads; ceilings: "
+          + ", ".join(f"{c['matmul_flops'] / 1e9:.0f} GFLOP/s {name(dt)} matmul" for dt, c in ceilings_in.items())
+          + f", {ceilings['copy_bytes_per_s'] / 1e9:.1f} GB/s copy")
     print_table(rows, ["method", "tokens", "seconds", "tok_per_s", "x_naive", "x_batched", "bound_fraction"])
     result = {"model": model_name, "device": device.type, "rounds": args.rounds, "prompts": args.prompts,
               "group_size": G, "new_tokens": new, "prompt_tokens": lengths,
               "matmul_gflops": round(ceilings["matmul_flops"] / 1e9, 1),
-              "copy_gbs": round(ceilings["copy_bytes_per_s"] / 1e9, 2)}
+              "copy_gbs": round(ceilings["copy_bytes_per_s"] / 1e9, 2), "rollout_dtype": name(rollout_dtype)}
+    if lower:
+        result[f"matmul_gflops_{name(rollout_dtype)}"] = round(ceilings_in[rollout_dtype]["matmul_flops"] / 1e9, 1)
     for r in rows:
         result[f"{r['key']}_tok_per_s"] = round(r["tok_per_s"], 2)
         result[f"{r['key']}_bound_fraction"] = round(r["bound_fraction"], 4)

@@ -574,7 +574,8 @@ def stage_sampler(ctx: Context) -> dict:
     for name, shape in (("small", sizes.small_shape), ("big", sizes.big_shape)):
         argv = ["--device", str(ctx.device), "--random", "--shape", shape, "--prompts", str(sizes.sampler_prompts),
                 "--group-size", str(sizes.sampler_group), "--new-tokens", str(sizes.sampler_new_tokens),
-                "--rounds", "1", "--skip-naive", "--skip-ablations", "--static", "on" if name == "small" else "off"]
+                "--rounds", "1", "--skip-naive", "--skip-ablations", "--static", "on" if name == "small" else "off",
+                "--rollout-dtype", str(ctx.compute_dtype).removeprefix("torch.")]  # on CPU too: the GPU's methods
         if ctx.ceilings.get("copy_gbs"):
             argv += ["--bandwidth-gbs", str(ctx.ceilings["copy_gbs"])]
         figures = bench_sampler(argv)

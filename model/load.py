@@ -125,6 +125,34 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return table[dtype]
 
 
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as Linux lists them (x86 `flags`, Arm `Features`); empty elsewhere."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return set()
+    return {flag for line in lines if line.startswith(("flags", "Features")) for flag in line.split(":", 1)[1].split()}
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Does `device` multiply bf16 matrices in hardware? CUDA GPUs from Ampere on; x86 CPUs with AVX512-BF16 or
+    AMX-BF16; Arm CPUs with the BF16 extension. Elsewhere bf16 is emulated and no faster than fp32."""
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+    return device.type == "cpu" and bool(cpu_flags() & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def pick_rollout_dtype(rollout_dtype: str, compute_dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The precision rollouts are sampled in. auto: bf16 where the device multiplies bf16 natively (decoding reads
+    every weight once per token, and half the bytes at a native rate is ~1.8x faster on a CPU with AVX512-BF16),
+    else the compute dtype. The trainer scores the sampled tokens itself in the compute dtype, so rollout precision
+    only changes which tokens are drawn (the logged logp_gap shows by how much), never the loss's log-probs."""
+    if rollout_dtype == "auto":
+        return torch.bfloat16 if native_bf16(device) else compute_dtype
+    return pick_dtype(rollout_dtype, device)
+
+
 def autocast_to(dtype: torch.dtype, device: torch.device):
     """Mixed precision: matmuls in `dtype` (bf16) on fp32 master weights; a no-op for fp32."""
     return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)

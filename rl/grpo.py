@@ -10,6 +10,8 @@ group whose rewards are all equal has A = 0 and gets no bonus: no gradient at al
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -56,16 +58,29 @@ def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     return torch.exp(log_ratio) - log_ratio - 1
 
 
-def per_token_loss(logp, old_logp, advantages, eps_low: float, eps_high: float, ref_logp=None, kl_coef: float = 0.0):
-    """All [S, T]. The PPO-clip surrogate (negated, to minimise) plus beta * k3 KL; and the clip indicator."""
+def per_token_loss(logp, old_logp, advantages, eps_low: float, eps_high: float, ref_logp=None, kl_coef: float = 0.0,
+                   sampler_weight=None):
+    """All [S, T]. The PPO-clip surrogate (negated, to minimise) plus beta * k3 KL; and the clip indicator.
+    sampler_weight: per-token weights of the surrogate (`truncated_is_weights`) for tokens drawn by a sampler whose
+    distribution differs from old_logp's (bf16 rollouts); None = 1."""
     ratio = torch.exp(logp - old_logp)
     unclipped = ratio * advantages
     clipped = ratio.clamp(1 - eps_low, 1 + eps_high) * advantages
     loss = -torch.minimum(unclipped, clipped)
+    if sampler_weight is not None:
+        loss = loss * sampler_weight
     if ref_logp is not None and kl_coef > 0:
         loss = loss + kl_coef * kl_k3(logp, ref_logp)
     is_clipped = (clipped < unclipped).float()  # the clip is active (and removes the gradient)
     return loss, is_clipped
+
+
+def truncated_is_weights(old_logp: torch.Tensor, sampler_logp: torch.Tensor, cap: float) -> torch.Tensor:
+    """[S, T] min(pi_old / pi_sampler, cap), detached: truncated importance sampling for tokens sampled from a
+    distribution slightly different from the trainer's (rollouts in bf16 scored in fp32). Without it the policy
+    gradient follows the sampler's distribution (E_sampler[A grad log pi] != E_pi[...]), a bias that compounds over
+    steps; the cap bounds the variance that rare tokens with pi >> pi_sampler would add."""
+    return torch.exp((old_logp - sampler_logp).detach().clamp(max=math.log(cap)))
 
 
 def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str, num_seqs: float, num_tokens: float,

@@ -13,7 +13,7 @@ import torch
 from model.sample import logprob_gap
 from model.score import pad_rows
 from rl.dist import finite_on_all_ranks, gradient_sync
-from rl.grpo import aggregate, kl_k3, per_token_loss, shaped_advantages, think_token_mask
+from rl.grpo import aggregate, kl_k3, per_token_loss, shaped_advantages, think_token_mask, truncated_is_weights
 from rl.rollout import RolloutBatch, seed_for
 
 
@@ -128,8 +128,12 @@ def update_policy(train_scorer, policy, optimizer, batch: RolloutBatch, scored: 
                                                    think_mask[rows].to(device), cfg.entropy_mode,
                                                    cfg.entropy_coef, cfg.entropy_kappa)
                     mb_ref = scored.ref_logp[rows].to(device) if scored.ref_logp is not None else None
+                    weight = None
+                    if cfg.tis_cap > 0 and batch.sampler_logp is not None:  # the sampler's own log-probs
+                        sampler_lp = pad_rows(torch.cat([batch.sampler_logp[i] for i in rows]), mb_mask)
+                        weight = truncated_is_weights(mb_old, sampler_lp, cfg.tis_cap)
                     loss_tok, clipped = per_token_loss(logp, mb_old, adv, cfg.eps_low, cfg.eps_high, mb_ref,
-                                                       cfg.kl_coef)
+                                                       cfg.kl_coef, weight)
                     # normalised over the whole optimizer step's tokens/sequences on all ranks; x world undoes
                     # the averaging of gradients across ranks
                     loss = aggregate(loss_tok, mb_mask, cfg.loss_agg, n_seqs / cfg.minibatches,

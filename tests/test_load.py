@@ -34,6 +34,28 @@ def test_device_dtype_attention_choice():
     assert load_mod.pick_attn_implementation(torch.device("cuda")) == expected
 
 
+@pytest.mark.parametrize("flags, native", [({"avx512f", "avx512_bf16"}, True), ({"amx_bf16"}, True),
+                                           ({"fp", "asimd", "bf16"}, True), ({"avx512f", "avx2"}, False), (set(), False)])
+def test_rollouts_are_sampled_in_bf16_only_where_the_cpu_has_native_bf16(monkeypatch, flags, native):
+    monkeypatch.setattr(load_mod, "cpu_flags", lambda: flags)
+    cpu = torch.device("cpu")
+    assert load_mod.native_bf16(cpu) is native
+    assert load_mod.pick_rollout_dtype("auto", torch.float32, cpu) == (torch.bfloat16 if native else torch.float32)
+    # without native bf16, auto follows the compute dtype; an explicit choice always wins
+    assert load_mod.pick_rollout_dtype("auto", torch.bfloat16, cpu) == torch.bfloat16
+    assert load_mod.pick_rollout_dtype("float32", torch.bfloat16, cpu) == torch.float32
+    assert load_mod.pick_rollout_dtype("bf16", torch.float32, cpu) == torch.bfloat16
+
+
+def test_cpu_flags_reads_this_machines_cpuinfo():
+    if not os.path.isfile("/proc/cpuinfo"):
+        assert load_mod.cpu_flags() == set()
+        return
+    with open("/proc/cpuinfo") as f:
+        listed = next((line for line in f if line.startswith(("flags", "Features"))), None)
+    assert listed is not None and set(listed.split(":", 1)[1].split()) <= load_mod.cpu_flags()
+
+
 def test_tiny_model_checkpoint_roundtrip(tmp_path, tiny_model, tiny_tokenizer):
     from transformers import AutoModelForCausalLM
     tiny_model.save_pretrained(tmp_path / "m")

@@ -1,5 +1,7 @@
 """rl/update.py: token-budgeted micro-batches with gradient accumulation give the whole batch's optimizer step."""
 import copy
+import dataclasses
+import math
 import os
 from types import SimpleNamespace
 
@@ -9,7 +11,7 @@ import torch
 from data.calls import PromptFormat
 from model.score import PolicyScorer
 from rl.dist import Dist
-from rl.grpo import group_advantages
+from rl.grpo import group_advantages, truncated_is_weights
 from rl.rollout import RolloutBatch
 from rl.update import micro_batches, score_rollouts, update_policy
 
@@ -20,7 +22,8 @@ LR = 1e-3  # small: with several minibatches the later ones see a barely changed
 def _cfg(**kw):
     base = dict(ppo_epochs=1, minibatches=1, seed=0, micro_batch_tokens=0, temperature=0.7, entropy_mode="seq",
                 entropy_coef=0.4, entropy_kappa=2.0, eps_low=0.2, eps_high=0.2, kl_coef=0.05, loss_agg="token_mean",
-                max_new_tokens=8, grad_clip=1e9, fsdp=False, prompt_format=PromptFormat("think", "python", "<think>"))
+                max_new_tokens=8, grad_clip=1e9, fsdp=False, prompt_format=PromptFormat("think", "python", "<think>"),
+                tis_cap=2.0)
     return SimpleNamespace(**{**base, **kw})
 
 
@@ -49,6 +52,41 @@ def test_micro_batches_respect_the_budget_and_keep_order():
     parts = micro_batches(batch, [0, 1, 2, 3, 4], 16, Dist())
     assert parts == [[0, 1], [2], [3], [4]]  # 5+10 | 6 (+24 > 16) | 24 alone (over budget) | 7
     assert micro_batches(batch, [0, 2, 4], 0, Dist()) == [[0, 2, 4]]  # 0 = no limit
+
+
+def test_tokens_a_sampler_drew_with_other_odds_are_weighed_by_the_truncated_ratio(tiny_tokenizer):
+    """Rollouts sampled in another precision (bf16) carry the sampler's log-probs. The surrogate of each token is
+    weighed by min(pi_old / pi_sampler, tis_cap): the sampler's own log-probs give weight 1 (the step without them),
+    log-probs 4x lower give 4, capped at 2: exactly twice that step (plain SGD, no KL, so the change is linear
+    in the weights)."""
+    from model.score import pad_rows
+    from model.tiny import tiny_model
+    policy = tiny_model(tiny_tokenizer, seed=int(torch.randint(0, 2**31, ())))
+    vocab = len(tiny_tokenizer)
+    batch = _random_batch(vocab)
+    advantages = group_advantages(torch.tensor(batch.rewards), batch.group_size)
+    cfg = _cfg(kl_coef=0.0, entropy_coef=0.0)
+    with torch.no_grad():  # the trainer's own log-probs of the batch, per completion
+        lp, _, _ = PolicyScorer(policy, vocab)(batch.prompts, batch.completions, temperature=cfg.temperature)
+    own = pad_rows(lp, batch.response_mask())
+    own = [own[i, :len(c)] for i, c in enumerate(batch.completions)]
+    moved = {}
+    for name, sampler_logp in (("none", None), ("own", own), ("4x lower", [t - math.log(4.0) for t in own])):
+        model = copy.deepcopy(policy)
+        scorer = PolicyScorer(model, vocab)
+        step_batch = dataclasses.replace(batch, sampler_logp=sampler_logp)
+        scored = score_rollouts(scorer, None, step_batch, tiny_tokenizer, cfg, Dist())
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)  # the change is the gradient, far above rounding
+        model.train()
+        update_policy(scorer, model, optimizer, step_batch, scored, advantages, 0, cfg, Dist(), log=lambda m: None)
+        moved[name] = torch.cat([(p - q).detach().flatten() for p, q in zip(model.parameters(),
+                                                                             policy.parameters())])
+    assert moved["none"].abs().max() > 1e-3  # the step moved something: the comparisons are not vacuous
+    # atol: a few fp32 spacings of weights near 1 (norm scales), which quantise the differences taken here
+    torch.testing.assert_close(moved["own"], moved["none"], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(moved["4x lower"], 2 * moved["none"], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(truncated_is_weights(torch.tensor([0.0, -1.0, 0.0]), torch.tensor([0.0, 0.0, -5.0]),
+                                                    2.0), torch.tensor([1.0, math.exp(-1.0), 2.0]))
 
 
 @pytest.mark.parametrize("loss_agg,minibatches", [("token_mean", 1), ("seq_mean", 2), ("constant", 1)])

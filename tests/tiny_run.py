@@ -13,7 +13,9 @@ VOLATILE = ("time_", "tokens_per_s", "peak_mem_gb")
 
 
 def _args(tiny_dir, tiny_data, out, *extra):
-    return ["--model", str(tiny_dir), "--train-data", str(tiny_data), "--val-data", str(tiny_data),
+    # fp32 rollouts: the exact comparisons below (golden rows, resumes, ranks) then hold on every CPU, whether or
+    # not it has native bf16 (--rollout-dtype auto samples in bf16 where it does; test_bf16_rollouts covers that)
+    return ["--rollout-dtype", "float32", "--model", str(tiny_dir), "--train-data", str(tiny_data), "--val-data", str(tiny_data),
             "--difficulty", "all", "--out-dir", str(out), "--max-new-tokens", "36", "--group-size", "4",
             "--prompts-per-step", "2", "--eval-limit", "2", "--sft-batch-size", "2", "--lr", "1e-3",
             "--sample-every", "1", "--kl-coef", "0.05", "--reward-mode", "graded", *extra]
