@@ -2,7 +2,8 @@
 
     A_i  = (r_i - mean(r_group)) / (std(r_group) + eps)          group-normalised advantage
     A'_i = A_i + min(lambda * H_i, |A_i| / kappa)                  entropy bonus, H detached
-    loss = -min(ratio * A', clip(ratio, 1 - eps_low, 1 + eps_high) * A') + beta * KL_k3(policy || ref)
+    loss = -w * min(ratio * A', clip(ratio, 1 - eps_low, 1 + eps_high) * A') + beta * KL_k3(policy || ref)
+    w    = min(pi_old / pi_sampler, cap)    per token, 1 when the sampler computes what the trainer does
 
 H_i is the mean token entropy of completion i over its <think> span (`seq` mode) or each token's own
 entropy (`token` mode). The bonus is >= 0 and at most |A|/kappa, so it never flips the sign of A, and a
