@@ -379,7 +379,7 @@ def bench_sampler(argv):
     totals = {key: {"tokens": 0, "seconds": 0.0, "bound_s": 0.0} for key in methods}
     with torch.no_grad():
         for r, prompts in enumerate(rounds):
-            for key, (label, fn, _) in methods.items():
+            for key, (label, fn, dtype) in methods.items():
                 if key == "naive" and r > 0:
                     continue
                 sync()
@@ -392,7 +392,6 @@ def bench_sampler(argv):
                     sum(len(p) for p in [p for p in prompts for _ in range(G)][:args.naive_completions])
                 totals[key]["tokens"] += sum(lengths)
                 totals[key]["seconds"] += seconds
-                dtype = methods[key][2]
                 totals[key]["bound_s"] += decode_bound_s(model, prompt_tokens, lengths, ceilings_in[dtype],
                                                          dtype.itemsize)
                 print(f"  round {r}: {label.strip()}: {sum(lengths)} tokens in {seconds:.2f}s", file=sys.stderr,
