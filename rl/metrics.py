@@ -25,7 +25,8 @@ def step_metrics(batch: RolloutBatch, advantages: torch.Tensor, stats: dict, d) 
     statistics (the loss is a sum of per-rank shares, the other update statistics are averaged over ranks and
     updates). Every rank must call it (it all-reduces)."""
     n = max(stats["updates"], 1)
-    averaged = ["loss", "kl", "clip_frac", "grad_norm", "bonus", "cot_entropy", "logp_gap_mean"]
+    averaged = ["loss", "kl", "clip_frac", "grad_norm", "bonus", "cot_entropy", "logp_gap_mean", "tis_weight_mean",
+                "tis_capped_frac"]
     summed = d.all_reduce(torch.tensor([stats[k] for k in averaged], dtype=torch.float64))
     update = {k: v.item() / (1 if k == "loss" else d.world) / n for k, v in zip(averaged, summed)}
     update["logp_gap_max"] = d.all_reduce(torch.tensor(stats["logp_gap_max"]), "max").item()

@@ -101,7 +101,8 @@ def update_policy(train_scorer, policy, optimizer, batch: RolloutBatch, scored: 
     counts = d.all_reduce(torch.tensor([float(S), mask.sum().item()]))
     n_seqs, n_tokens = counts[0].item(), counts[1].item()  # the whole optimizer step's, over all ranks
     stats = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "grad_norm": 0.0, "bonus": 0.0, "cot_entropy": 0.0,
-             "logp_gap_mean": 0.0, "logp_gap_max": 0.0, "updates": 0, "skipped": 0, "tokens": n_tokens}
+             "logp_gap_mean": 0.0, "logp_gap_max": 0.0, "tis_weight_mean": 0.0, "tis_capped_frac": 0.0,
+             "updates": 0, "skipped": 0, "tokens": n_tokens}
     lengths = batch.lengths
     for epoch in range(cfg.ppo_epochs):
         order = torch.randperm(S, generator=torch.Generator().manual_seed(seed_for(cfg.seed, "minibatch", step,
@@ -134,13 +135,15 @@ def update_policy(train_scorer, policy, optimizer, batch: RolloutBatch, scored: 
                         weight = truncated_is_weights(mb_old, sampler_lp, cfg.tis_cap)
                     loss_tok, clipped = per_token_loss(logp, mb_old, adv, cfg.eps_low, cfg.eps_high, mb_ref,
                                                        cfg.kl_coef, weight)
+                    if weight is None:
+                        weight = torch.ones_like(logp)
                     # normalised over the whole optimizer step's tokens/sequences on all ranks; x world undoes
                     # the averaging of gradients across ranks
                     loss = aggregate(loss_tok, mb_mask, cfg.loss_agg, n_seqs / cfg.minibatches,
                                      n_tokens / cfg.minibatches, cfg.max_new_tokens) * d.world
                     loss.backward()
                 loss_sum += loss.detach()
-                done.append((rows, logp.detach(), mb_entropy, clipped, bonus))
+                done.append((rows, logp.detach(), mb_entropy, clipped, bonus, weight))
             grad_norm, skip = None, None
             if not finite_on_all_ranks(loss_sum):
                 skip = "non-finite loss"
@@ -161,20 +164,23 @@ def update_policy(train_scorer, policy, optimizer, batch: RolloutBatch, scored: 
             stats["loss"] += loss_sum.item() / d.world
             stats["grad_norm"] += grad_norm.item()
             if done:
-                _add_statistics(stats, done, scored, think_mask, batch, lengths, epoch, device)
+                _add_statistics(stats, done, scored, think_mask, batch, lengths, epoch, device, cfg.tis_cap)
     return stats
 
 
 @torch.no_grad()
 def _add_statistics(stats: dict, done: list, scored: ScoredBatch, think_mask, batch: RolloutBatch, lengths,
-                    epoch: int, device) -> None:
+                    epoch: int, device, tis_cap: float) -> None:
     """Token means over one optimizer step's sequences on this rank (its micro-batches joined)."""
     rows = [i for part in done for i in part[0]]
-    logp, mb_entropy, clipped = (torch.cat([part[j] for part in done]) for j in (1, 2, 3))
+    logp, mb_entropy, clipped, weight = (torch.cat([part[j] for part in done]) for j in (1, 2, 3, 5))
     bonus = torch.cat([part[4] for part in done])
     mb_mask, mb_think = scored.mask[rows].to(device), think_mask[rows].to(device)
     mtok = mb_mask.sum().clamp(min=1)
     stats["clip_frac"] += ((clipped * mb_mask).sum() / mtok).item()
+    stats["tis_weight_mean"] += ((weight * mb_mask).sum() / mtok).item()  # 1 without the importance weights
+    if tis_cap > 0:  # tokens the sampler found over cap times less likely than the trainer does
+        stats["tis_capped_frac"] += (((weight >= tis_cap * (1 - 1e-6)) * mb_mask).sum() / mtok).item()
     if scored.ref_logp is not None:
         stats["kl"] += ((kl_k3(logp, scored.ref_logp[rows].to(device)) * mb_mask).sum() / mtok).item()
     stats["cot_entropy"] += ((mb_entropy * mb_think).sum() / mb_think.sum().clamp(min=1)).item()

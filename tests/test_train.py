@@ -44,6 +44,7 @@ def test_run_writes_config_metrics_samples_checkpoint(tiny_dir, tiny_data, tmp_p
         assert key in rows[0], key
     # fp32 tiny model: the sampler's and the trainer's log-probs are the same distribution
     assert rows[0]["logp_gap_max"] < 1e-3
+    assert rows[0]["tis_weight_mean"] == pytest.approx(1.0, abs=1e-4) and rows[0]["tis_capped_frac"] == 0.0
     samples = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 2 * 2 * 4 and {"prompt", "completion", "reward", "reason"} <= set(samples[0])
     ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
@@ -67,6 +68,8 @@ def test_bf16_rollouts_are_sampled_in_bf16_and_scored_in_fp32(tiny_dir, tiny_dat
     # fp32 rollouts: max gap < 1e-3 (test above); bf16 ones (8-bit mantissas) differ by a few 1e-2 on this model
     gaps = [(r["logp_gap_mean"], r["logp_gap_max"]) for r in rows]
     assert all(mean < 0.05 and 5e-3 < most < 0.5 for mean, most in gaps), gaps
+    # the importance weights are the ratios of those log-probs: near 1, but not 1
+    assert all(1e-6 < abs(r["tis_weight_mean"] - 1) < 0.1 for r in rows), [r["tis_weight_mean"] for r in rows]
     assert all(math.isfinite(r["loss"]) and r["skipped_updates"] == 0 for r in rows)
     start, end = load_file(tiny_dir / "model.safetensors"), _final_params(tmp_path / "run", 2)
     assert any(not torch.equal(start[n], end[n]) for n in end)
