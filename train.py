@@ -55,6 +55,7 @@ class Config:
     device: str = "auto"  # auto (cuda if available, else cpu), cpu, cuda
     dtype: str = "auto"  # compute dtype: auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16 (fp32 masters kept)
     rollout_dtype: str = "auto"  # sampling precision: auto (bf16 where the device has native bf16, else --dtype)
+    reference_dtype: str = "auto"  # the frozen KL reference's precision: auto (= the rollout dtype), float32, bfloat16
     attn: str = "auto"  # auto (flash_attention_2 if importable on CUDA, else sdpa), sdpa, eager
     cache_dir: str = ""  # where smollm2-135m is converted on first use (default $FUNRL_CACHE or ~/.cache/funrl)
     # --- data and prompt ---
@@ -163,8 +164,9 @@ class Config:
         if self.dtype not in ("auto", "float32", "fp32", "bfloat16", "bf16"):
             raise ValueError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r} (float16 training would "
                              "need loss scaling; bfloat16 does not)")
-        if self.rollout_dtype not in ("auto", "float32", "fp32", "bfloat16", "bf16"):
-            raise ValueError(f"rollout_dtype must be auto, float32 or bfloat16, got {self.rollout_dtype!r}")
+        for name in ("rollout_dtype", "reference_dtype"):
+            if getattr(self, name) not in ("auto", "float32", "fp32", "bfloat16", "bf16"):
+                raise ValueError(f"{name} must be auto, float32 or bfloat16, got {getattr(self, name)!r}")
 
     @property
     def prompt_format(self) -> PromptFormat:
@@ -223,6 +225,8 @@ def main(argv=None):
     # mixed precision: the policy's master weights and optimizer state in fp32, its matmuls in the compute dtype
     compute_dtype = pick_dtype(cfg.dtype, device)
     rollout_dtype = pick_rollout_dtype(cfg.rollout_dtype, compute_dtype, device)  # see README, Sampling
+    # the reference only scores (no gradient, and only the small KL term): held in the rollouts' precision
+    reference_dtype = rollout_dtype if cfg.reference_dtype == "auto" else pick_dtype(cfg.reference_dtype, device)
     try:
         tokenizer = load_tokenizer(cfg.model if start_from == cfg.model else start_from, cfg.cache_dir or None)
         policy = load_model(start_from, device, "float32", cfg.attn, cfg.cache_dir or None)
@@ -242,8 +246,9 @@ def main(argv=None):
     scorer = PolicyScorer(policy, vocab_size, cfg.share_prompt_kv and not cfg.fsdp, compute_dtype, cfg.segment_tokens)
     train_scorer = wrap_for_training(scorer, policy, cfg.fsdp, d, device, compute_dtype)
     n_params = sum(p.numel() for p in policy.parameters())
-    log(f"[train] {describe_paths(policy, compute_dtype, cfg.fsdp)}; rollouts sampled in "
-        f"{str(rollout_dtype).removeprefix('torch.')}")
+    name = lambda dtype: str(dtype).removeprefix("torch.")  # noqa: E731
+    log(f"[train] {describe_paths(policy, compute_dtype, cfg.fsdp)}; rollouts sampled in {name(rollout_dtype)}"
+        + (f"; reference held in {name(reference_dtype)}" if cfg.kl_coef > 0 else ""))
     log(f"[train] policy {start_from} on {device} x{d.world}, {n_params / 1e6:.1f}M params, {len(train_records)} "
         f"train / {len(val_records)} val records -> {run_dir}")
 
@@ -275,9 +280,9 @@ def main(argv=None):
         if resume_from is not None and cfg.sft_steps > 0 and not warm_ok:
             raise SystemExit(f"error: {warm_dir} (the KL reference) does not verify: {checkpoint_problem(warm_dir)}")
         ref_source = str(warm_dir) if warm_ok else cfg.model
-        reference = load_model(ref_source, device, cfg.dtype, cfg.attn, cfg.cache_dir or None).eval()
-        reference.requires_grad_(False)  # frozen: kept in the compute dtype, no master copy
-        reference_scorer = PolicyScorer(reference, vocab_size, cfg.share_prompt_kv, compute_dtype)
+        reference = load_model(ref_source, device, name(reference_dtype), cfg.attn, cfg.cache_dir or None).eval()
+        reference.requires_grad_(False)  # frozen: no master copy
+        reference_scorer = PolicyScorer(reference, vocab_size, cfg.share_prompt_kv, reference_dtype)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
     cursor = PromptCursor(train_records, cfg.seed)

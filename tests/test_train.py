@@ -62,7 +62,7 @@ def test_bf16_rollouts_are_sampled_in_bf16_and_scored_in_fp32(tiny_dir, tiny_dat
     trainer's fp32 ones by bf16 rounding, no more; the update still runs and moves the weights."""
     out = _finish(_run(_args(tiny_dir, tiny_data, tmp_path / "run", "--steps", "2", "--sft-steps", "0",
                              "--save-every", "2", "--rollout-dtype", "bfloat16")))
-    assert "precision: fp32; rollouts sampled in bfloat16" in out
+    assert "precision: fp32; rollouts sampled in bfloat16; reference held in bfloat16" in out
     rows = _rl_rows(tmp_path / "run")
     assert [r["step"] for r in rows] == [1, 2]
     # fp32 rollouts: max gap < 1e-3 (test above); bf16 ones (8-bit mantissas) differ by a few 1e-2 on this model
@@ -70,7 +70,7 @@ def test_bf16_rollouts_are_sampled_in_bf16_and_scored_in_fp32(tiny_dir, tiny_dat
     assert all(mean < 0.05 and 5e-3 < most < 0.5 for mean, most in gaps), gaps
     # the importance weights are the ratios of those log-probs: near 1, but not 1
     assert all(1e-6 < abs(r["tis_weight_mean"] - 1) < 0.1 for r in rows), [r["tis_weight_mean"] for r in rows]
-    assert all(math.isfinite(r["loss"]) and r["skipped_updates"] == 0 for r in rows)
+    assert all(math.isfinite(r["loss"]) and math.isfinite(r["kl"]) and r["skipped_updates"] == 0 for r in rows)
     start, end = load_file(tiny_dir / "model.safetensors"), _final_params(tmp_path / "run", 2)
     assert any(not torch.equal(start[n], end[n]) for n in end)
     assert all(t.dtype == torch.float32 for t in end.values())  # the masters stay fp32
