@@ -10,7 +10,8 @@ from rl.metrics import step_metrics, write_samples
 from rl.rollout import RolloutBatch
 
 STATS = {"loss": 0.5, "kl": 0.02, "clip_frac": 0.0, "grad_norm": 1.5, "bonus": 0.1, "cot_entropy": 0.8,
-         "logp_gap_mean": 0.001, "logp_gap_max": 0.25, "updates": 2, "skipped": 0, "tokens": 20.0}
+         "logp_gap_mean": 0.001, "logp_gap_max": 0.25, "tis_weight_mean": 2.0, "tis_capped_frac": 0.02, "updates": 2,
+         "skipped": 0, "tokens": 20.0}
 
 
 def _batch(rewards, reasons, G=2):
