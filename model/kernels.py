@@ -165,9 +165,10 @@ class _ChunkedLogprobEntropy(torch.autograd.Function):
                 alpha = torch.exp(m - m_new)
                 z.sub_(m_new[:, None])
                 e = torch.exp(z, out=tile(e_buf, r1 - r0, v1 - v0))
+                e_sum = e.sum(1)
                 if with_entropy:  # shifting t from m to m_new: sum e*(z - m_new) = sum e*(z - m) + (m - m_new)*s
-                    t = alpha * (t + (m - m_new) * s) + torch.linalg.vecdot(e, z)
-                s = alpha * s + e.sum(1)
+                    t = alpha * (t + (m - m_new) * s) + e.mul_(z).sum(1)  # in place: no tile-sized temporary
+                s = alpha * s + e_sum
                 m = m_new
             row_max[r0:r1], log_sum[r0:r1] = m, torch.log(s)
             logp[r0:r1] = (z_target - m) - log_sum[r0:r1]

@@ -322,6 +322,13 @@ class _GrowingLayer(DynamicLayer):
     SPARE = 128
 
     def update(self, key_states, value_states, *args, **kwargs):
+        device_type = key_states.device.type
+        if torch.is_autocast_enabled(device_type):
+            # Attention reads the cache in the autocast dtype, and the rotary embedding leaves fp32 keys: stored in
+            # fp32, the whole cache would be cast again in every layer at every step (a sixth of a bf16 CPU decode
+            # step). Stored cast, attention gets the same values.
+            dtype = torch.get_autocast_dtype(device_type)
+            key_states, value_states = key_states.to(dtype), value_states.to(dtype)
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         n, k = self.get_seq_length(), key_states.shape[-2]

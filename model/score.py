@@ -190,30 +190,40 @@ def shared_prompt_logprobs(model, prompt_ids: list[list[int]], completion_ids: l
         if any(completion_ids[i:j]):
             groups.append((i, j))
         i = j
+    if not groups:
+        return torch.zeros(0, device=device), (torch.zeros(0, device=device) if with_entropy else None), \
+            [len(c) for c in completion_ids]
     prefix_len, prefix_kv = 0, ()
     if len(groups) > 1:
         prefix_len = shared_prefix_length([prompt_ids[i] for i, _ in groups])
         prefix_len = prefix_len if prefix_len >= MIN_SHARED_PREFIX else 0
-    if prefix_len:
-        prefix = torch.tensor(prompt_ids[groups[0][0]][:prefix_len], dtype=torch.long, device=device)[None]
-        _, prefix_kv = _run_segment(segmented, _prompt_segment, body, prefix)
-    hidden_parts = []
+    # What the body will run, in order: the prefix, then per group its prompt's rest and its completion chunks
+    # (right-padded [k, Tc]). All of it is embedded in one call: the embedding's backward builds a dense
+    # [vocab, H] gradient (113 MB for SmolLM2), which per segment cost more than the segment's own backward.
+    ids = [prompt_ids[groups[0][0]][:prefix_len]] if prefix_len else []
+    plan = []  # per group: (its first row, the index of its prompt's rest in ids, its chunks of rows)
     for i, j in groups:
-        rest = torch.tensor(prompt_ids[i][prefix_len:], dtype=torch.long, device=device)[None]  # [1, Tp - prefix]
-        group = completion_ids[i:j]
-        last_prompt, prompt_kv = _run_segment(segmented, _prompt_segment, body, rest, *prefix_kv)
-        chunks = _completion_chunks([len(c) for c in group], segment_tokens if segmented else 0)
-        for rows in chunks:
-            comp_hidden = _run_segment(segmented, _completion_segment, body, len(prompt_ids[i]),
-                                       [group[r] for r in rows], *prompt_kv)  # [k, Tc, H]
-            for k, r in enumerate(rows):
-                c = group[r]
-                if c:  # the prompt's last hidden state predicts every completion's first token
-                    hidden_parts.append(torch.cat([last_prompt[None], comp_hidden[k, :len(c) - 1]], dim=0))
+        chunks = _completion_chunks([len(c) for c in completion_ids[i:j]], segment_tokens if segmented else 0)
+        plan.append((i, len(ids), chunks))
+        ids.append(prompt_ids[i][prefix_len:])
+        ids += [_right_padded([completion_ids[i + r] for r in rows]) for rows in chunks]
+    shapes = [(1, len(x)) if isinstance(x, list) else tuple(x.shape) for x in ids]
+    flat = torch.cat([torch.as_tensor(x, dtype=torch.long).reshape(-1) for x in ids]).to(device)
+    embeds = [e.view(*shape, -1) for e, shape in
+              zip(model.get_input_embeddings()(flat).split([a * b for a, b in shapes]), shapes)]
+    if prefix_len:
+        _, prefix_kv = _run_segment(segmented, _prompt_segment, body, embeds[0])
+    hidden_parts = []
+    for i, first, chunks in plan:
+        group = completion_ids[i:]
+        last_prompt, prompt_kv = _run_segment(segmented, _prompt_segment, body, embeds[first], *prefix_kv)
+        for n, rows in enumerate(chunks):
+            lengths = [len(group[r]) for r in rows]
+            comp_hidden = _run_segment(segmented, _completion_segment, body, len(prompt_ids[i]), lengths,
+                                       embeds[first + 1 + n], *prompt_kv)  # [k, Tc, H]
+            for k, n_tokens in enumerate(lengths):  # the prompt's last hidden state predicts each first token
+                hidden_parts.append(torch.cat([last_prompt[None], comp_hidden[k, :n_tokens - 1]], dim=0))
     targets = torch.tensor([t for c in completion_ids for t in c], dtype=torch.long, device=device)
-    if not hidden_parts:
-        return torch.zeros(0, device=device), (torch.zeros(0, device=device) if with_entropy else None), \
-            [len(c) for c in completion_ids]
     hidden = torch.cat(hidden_parts, dim=0)  # [N, H]
     logp, entropy = head_logprobs(model, hidden, targets, temperature, with_entropy, vocab_size)
     return logp, entropy, [len(c) for c in completion_ids]
@@ -228,30 +238,36 @@ def _run_segment(segmented: bool, fn, *args):
     return checkpoint(fn, *args, use_reentrant=False)
 
 
-def _prompt_segment(body, ids: torch.Tensor, *past_kv):
-    """Prompt tokens [1, T] through the body, after the KV cache `past_kv` of the tokens before them (none, or a
-    shared prefix's): (the last hidden state [H], the KV cache of the whole prompt as flat tensors, which can cross a
-    checkpoint boundary)."""
+def _right_padded(completions: list[list[int]]) -> torch.Tensor:
+    """Token ids [k, Tc] of completions right-padded with 0 (the padding follows every real token, so it is
+    never attended to, and its outputs are not used)."""
+    ids = torch.zeros(len(completions), max(len(c) for c in completions), dtype=torch.long)
+    for r, c in enumerate(completions):
+        ids[r, :len(c)] = torch.tensor(c, dtype=torch.long)
+    return ids
+
+
+def _prompt_segment(body, embeds: torch.Tensor, *past_kv):
+    """Embedded prompt tokens [1, T, H] through the body, after the KV cache `past_kv` of the tokens before them
+    (none, or a shared prefix's): (the last hidden state [H], the KV cache of the whole prompt as flat tensors, which
+    can cross a checkpoint boundary)."""
     past = cache_kwargs(body, cache_from_tensors(past_kv, body.config)) if past_kv else {}
-    out = body(input_ids=ids, use_cache=True, **past)
+    out = body(inputs_embeds=embeds, use_cache=True, **past)
     return out.last_hidden_state[0, -1], cache_tensors(returned_cache(body, out))
 
 
-def _completion_segment(body, prompt_len: int, completions: list[list[int]], *prompt_kv):
-    """Completions of one prompt [k, Tc] (right-padded) through the body on a copy of the prompt's KV cache repeated
-    k times: the last hidden states [k, Tc, H]. A fresh cache per call, so a recomputation appends to its own."""
-    device = prompt_kv[0].device
-    k, Tc = len(completions), max(len(c) for c in completions)
+def _completion_segment(body, prompt_len: int, lengths: list[int], embeds: torch.Tensor, *prompt_kv):
+    """Embedded completions of one prompt [k, Tc, H] (right-padded, `lengths` real tokens each) through the body
+    on a copy of the prompt's KV cache repeated k times: the last hidden states [k, Tc, H]. A fresh cache per
+    call, so a recomputation appends to its own."""
+    device = embeds.device
+    k, Tc = embeds.shape[0], embeds.shape[1]
     cache = cache_from_tensors(prompt_kv, body.config)
     cache.batch_repeat_interleave(k)  # [k, heads, Tp, d] per layer, in the autograd graph
-    ids = torch.zeros(k, Tc, dtype=torch.long, device=device)
-    comp_mask = torch.zeros(k, Tc, dtype=torch.long, device=device)
-    for r, c in enumerate(completions):
-        ids[r, :len(c)] = torch.tensor(c, dtype=torch.long, device=device)
-        comp_mask[r, :len(c)] = 1
+    comp_mask = (torch.arange(Tc)[None] < torch.tensor(lengths)[:, None]).long().to(device)  # [k, Tc]
     attention_mask = torch.cat([torch.ones(k, prompt_len, dtype=torch.long, device=device), comp_mask], dim=1)
     position_ids = (prompt_len + torch.arange(Tc, device=device))[None].expand(k, -1)
-    return body(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
+    return body(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
                 **cache_kwargs(body, cache)).last_hidden_state
 
 

@@ -451,6 +451,49 @@ def test_continuing_from_kept_caches_equals_encoding_the_whole_prompt(tiny_model
         sample(model, tok, prompts, greedy=True, caches=[None])
 
 
+def test_under_autocast_the_cache_holds_what_attention_reads(tiny_tokenizer):
+    """Under autocast the sampler's cache stores keys and values in the autocast dtype (the rotary embedding
+    leaves fp32 keys, which attention would otherwise cast, whole cache, every layer and step): attention over it
+    gives exactly what it gives over transformers' fp32 cache, and a bf16 sampling call the same rollouts as one
+    whose cache layer does not cast."""
+    import torch.nn.functional as F
+    from transformers.cache_utils import DynamicLayer
+    from model.sample import _GrowingLayer
+    from model.tiny import tiny_model
+
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    ours, plain = _GrowingLayer(), DynamicLayer()
+    query = torch.randn(3, 4, 1, 8, generator=gen)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for k in (9, 1, 1):
+            keys, values = (torch.randn(3, 4, k, 8, generator=gen) for _ in range(2))
+            got, want = ours.update(keys, values), plain.update(keys, values)
+            assert got[0].dtype == got[1].dtype == torch.bfloat16 and want[0].dtype == torch.float32
+            torch.testing.assert_close(F.scaled_dot_product_attention(query, *got),
+                                       F.scaled_dot_product_attention(query, *want), rtol=0, atol=0)
+    keys = torch.randn(3, 4, 1, 8, generator=gen)
+    assert _GrowingLayer().update(keys, keys)[0].dtype == torch.float32  # outside autocast: as given
+
+    tokenizer = tiny_tokenizer
+    model = tiny_model(tokenizer, seed=int(torch.randint(0, 2**31, ()))).eval()
+    prompts = [tokenizer("a prompt").input_ids, tokenizer("another, longer prompt").input_ids]
+
+    def rollouts():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = sample(model, tokenizer, prompts, group_size=3, max_new_tokens=12, return_logprobs=True,
+                         row_seeds=list(range(6)))
+        return out.completion_ids, [lp.tolist() for lp in out.sampler_logp]
+
+    cast = rollouts()
+    update = _GrowingLayer.update
+    try:  # the layer as it was: storing what it is given
+        _GrowingLayer.update = DynamicLayer.update
+        uncast = rollouts()
+    finally:
+        _GrowingLayer.update = update
+    assert cast == uncast
+
+
 def test_growing_cache_layer_appends_in_place_and_holds_what_concatenation_would():
     """The sampler's cache layer: after every update, batch selection and crop it holds exactly the keys and values
     that transformers' concatenating DynamicLayer holds, and an append within the spare columns copies nothing."""

@@ -149,10 +149,17 @@ def test_shared_prompt_scoring_equals_plain_scoring(tiny_tokenizer, checkpointin
     if checkpointing:
         enable_activation_checkpointing(model)
     model.train()
-    shapes = []  # what the body embeds, call by call
-    hook = model.get_input_embeddings().register_forward_hook(lambda m, args, out: shapes.append(tuple(args[0].shape)))
+    embedded, shapes = [], []  # the embedding's calls; the [rows, tokens] of each call of the first layer
+
+    def layer_input(module, args, kwargs, out):
+        shapes.append(tuple((args[0] if args else kwargs["hidden_states"]).shape[:2]))
+    hooks = [model.get_input_embeddings().register_forward_hook(lambda *_: embedded.append(1)),
+             model.get_decoder().layers[0].register_forward_hook(layer_input, with_kwargs=True)]
     shared = _logp_and_grads(model, shared_prompt_logprobs, prompts, completions, weights)
-    hook.remove()
+    for hook in hooks:
+        hook.remove()
+    if not checkpointing:  # every token embedded in one call (its backward builds a [vocab, H] gradient once)
+        assert len(embedded) == 1, embedded
     if prefix and not checkpointing:  # the common prefix ran once, then each prompt's own part
         assert shapes[:2] == [(1, prefix), (1, len(prompts_once[0]) - prefix)], shapes
     torch.testing.assert_close(shared[0], plain[0], rtol=0, atol=1e-5)
