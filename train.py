@@ -283,7 +283,10 @@ def main(argv=None):
         reference = load_model(ref_source, device, name(reference_dtype), cfg.attn, cfg.cache_dir or None).eval()
         reference.requires_grad_(False)  # frozen: no master copy
         reference_scorer = PolicyScorer(reference, vocab_size, cfg.share_prompt_kv, reference_dtype)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
+    # fused: one kernel over all parameters (on a 2-core CPU 0.08 s a step against 0.3-0.6 s for the per-parameter
+    # loop torch picks on CPU by default)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99),
+                                  fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
     cursor = PromptCursor(train_records, cfg.seed)
     start_step, skipped_updates = 0, 0

@@ -23,7 +23,7 @@ def supervised_warmup(train_scorer, policy, tokenizer, records: list[dict], cfg,
     """cfg.sft_steps steps of cfg.sft_batch_size records (shared over ranks), token-mean NLL of the targets,
     AdamW at cfg.sft_lr. write_row(row) gets one metrics row per step."""
     policy.train()
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.sft_lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.sft_lr, weight_decay=0.0, fused=True)
     order = torch.randperm(len(records), generator=torch.Generator().manual_seed(seed_for(cfg.seed, "warmup_order")))
     bar = tqdm(range(cfg.sft_steps), desc="warm-up", disable=not d.master)
     for step in bar:
