@@ -170,6 +170,45 @@ def test_shared_prompt_scoring_equals_plain_scoring(tiny_tokenizer, checkpointin
         torch.testing.assert_close(shared[2][name], plain[2][name], rtol=1e-4, atol=1e-5)
 
 
+def _set_partitions(items):
+    if not items:
+        yield []
+        return
+    first, rest = items[0], items[1:]
+    for partition in _set_partitions(rest):
+        yield [[first]] + partition
+        for k in range(len(partition)):
+            yield partition[:k] + [[first] + partition[k]] + partition[k + 1:]
+
+
+def test_completion_chunks_pad_the_least():
+    """A group's completions cut into right-padded chunks: every non-empty row in exactly one chunk, every chunk
+    within the token bound (rows x its longest) unless it is a lone row, and the least cost (padded tokens plus
+    call_tokens per chunk) over every partition of the rows, found by brute force."""
+    import random
+
+    from model.score import _completion_chunks
+    seed = int.from_bytes(os.urandom(4), "little")
+    print(f"seed {seed}")
+    rng = random.Random(seed)
+    for _ in range(300):
+        lengths = [rng.choice([0, rng.randint(1, 9), rng.randint(1, 60)]) for _ in range(rng.randint(1, 7))]
+        bound, call = rng.choice([0, 12, 40, 100]), rng.choice([0, 5, 32])
+        chunks = _completion_chunks(lengths, bound, call_tokens=call)
+
+        def cost(partition):
+            return sum(len(c) * max(lengths[r] for r in c) + call for c in partition)
+
+        def allowed(partition):
+            return all(len(c) == 1 or not bound or len(c) * max(lengths[r] for r in c) <= bound for c in partition)
+
+        rows = [r for r, n in enumerate(lengths) if n > 0]
+        assert sorted(r for c in chunks for r in c) == rows, (lengths, chunks)
+        assert allowed(chunks), (lengths, bound, chunks)
+        best = min((cost(p) for p in _set_partitions(rows) if allowed(p)), default=0)
+        assert cost(chunks) == best, (lengths, bound, call, chunks)
+
+
 @pytest.mark.parametrize("prefix", [0, 19])
 def test_segmented_shared_prompt_forward_gives_the_same_gradients_and_recomputes(tiny_tokenizer, prefix):
     """segment_tokens bounds the training forward's activations: the prompt (after the prefix all prompts share,
@@ -184,8 +223,9 @@ def test_segmented_shared_prompt_forward_gives_the_same_gradients_and_recomputes
     prompts_once = [common + p for p in prompts_once]
     prompts = [prompts_once[0]] * 4 + [prompts_once[1]] * 3 + [prompts_once[2]]  # groups of 4, 3 and 1
     prefix_calls = 1 if prefix else 0
-    assert _completion_chunks([5, 3, 4, 1], 8) == [[0], [1, 2], [3]]  # 5 | 2 x 4 | 1 (3 x 4 > 8)
-    assert _completion_chunks([0, 6, 2], 8) == [[1], [2]]  # the empty completion is in no chunk
+    # by length: 1 | 3, 4 (2 x 4 = 8 tokens) | 5; the shortest row first, so the chunks are not in row order
+    assert _completion_chunks([5, 3, 4, 1], 8, call_tokens=32) == [[3], [1, 2], [0]]
+    assert _completion_chunks([0, 6, 2], 8) == [[2], [1]]  # the empty completion is in no chunk; 2 x 6 > 8
     weights = torch.randn(sum(len(c) for c in completions))
     body_calls = []  # calls of the first decoder layer (the recomputation stops before the body's forward returns)
     model.get_decoder().layers[0].register_forward_hook(lambda *_: body_calls.append(1))

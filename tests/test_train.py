@@ -3,6 +3,7 @@ exactly, and two processes under torchrun end a step with the same parameters as
 import json
 import math
 import os
+import platform
 import signal
 import subprocess
 import sys
@@ -119,18 +120,25 @@ def test_two_processes_match_one(tiny_dir, tiny_data, tmp_path):
     m1, m2 = ({i: s["exp_avg"] for i, s in load_state(tmp_path / run / "checkpoints" / "step-000001" /
                                                        "trainer_state")["optimizer"]["state"].items()}
               for run in ("one", "two"))
+    # (summed in other orders: entries ~1e-6 of the largest can differ by a few 1e-9)
     assert m1.keys() == m2.keys() and m1
     for i in m1:
-        torch.testing.assert_close(m2[i], m1[i], rtol=1e-4, atol=1e-6 * float(m1[i].abs().max()) + 1e-12)
-    # The same step. Adam's first step moves a weight by lr * g / (|g| + eps), which amplifies that rounding for
-    # gradients near eps: allow 2% of a step (lr 1e-3) there.
+        torch.testing.assert_close(m2[i], m1[i], rtol=1e-4, atol=5e-6 * float(m1[i].abs().max()) + 1e-12)
+    # The same step. Adam's first step moves a weight by lr * g / (|g| + eps): where |g| is a few eps or less
+    # (the weight moved less than 0.9 lr), the rounding of g decides the move, so there the two may differ by up to
+    # a step; everywhere else by 2% of a step (lr 1e-3).
+    lr = 1e-3
     p1, p2 = _final_params(tmp_path / "one", 1), _final_params(tmp_path / "two", 1)
     start = load_file(tiny_dir / "model.safetensors")
-    changed = False
+    changed, sensitive, total = False, 0, 0
     for name in p1:
-        torch.testing.assert_close(p2[name], p1[name], rtol=0, atol=2e-5, msg=name)
+        near_eps = ((p1[name] - start[name]).abs() < 0.9 * lr) | ((p2[name] - start[name]).abs() < 0.9 * lr)
+        torch.testing.assert_close(p2[name][~near_eps], p1[name][~near_eps], rtol=0, atol=2e-5, msg=name)
+        assert float((p2[name] - p1[name]).abs().max()) <= 2 * lr, name
         changed |= not torch.equal(p1[name], start[name])
+        sensitive, total = sensitive + int(near_eps.sum()), total + near_eps.numel()
     assert changed, "the step did not update the parameters: the comparison would be vacuous"
+    assert sensitive < 0.5 * total, f"{sensitive} of {total} weights near eps: the comparison would be vacuous"
     r1, r2 = _rl_rows(tmp_path / "one")[0], _rl_rows(tmp_path / "two")[0]
     assert r1["reward"] == pytest.approx(r2["reward"]) and r1["loss"] == pytest.approx(r2["loss"], rel=1e-4)
     # each rank evaluated its shard; rank 0 wrote every record's verdict, consistent with the summary
@@ -254,13 +262,29 @@ def _golden_facts(run):
     from model.checkpoint import load_state
     optim = load_state(ckpt / "trainer_state")["optimizer"]["state"]
     optim_sums = {f"{i}/{k}": float(v.double().sum()) for i, s in sorted(optim.items()) for k, v in sorted(s.items())}
-    return {"rows": rows, "params_sha256": params, "optimizer_sums": optim_sums}, logged_reasons
+    return {"rows": rows, "params_sha256": params, "optimizer_sums": optim_sums, "cpu": _cpu_kind()}, logged_reasons
+
+
+def _cpu_kind() -> str:
+    """What decides the float rounding of a CPU run: MKL and torch pick their kernels by instruction set and vendor
+    (AVX2 or AVX-512 code sums in other orders)."""
+    vendor = "?"
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            vendor = next((line.split(":")[1].strip() for line in f if line.startswith("vendor_id")), "?")
+    return f"{platform.machine()} {vendor} {torch.backends.cpu.get_cpu_capability()}"
+
+
+# Metrics computed in floating point from the model's outputs (the rest are counts, rewards, verdicts, lengths)
+CONTINUOUS = ("adv_", "bonus", "clip_frac", "cot_entropy", "grad_norm", "kl", "logp_gap", "loss", "sft_nll", "tis_")
 
 
 @pytest.mark.parametrize("name", sorted(GOLDEN_RUNS))
 def test_golden_run_is_unchanged(name, tiny_dir, tiny_data, tmp_path):
     """A 3-step run gives exactly the metrics and final tensors recorded before the code was reorganised
-    (tests/golden_train.json), and its rows count the failure reasons under their full codes."""
+    (tests/golden_train.json), and its rows count the failure reasons under their full codes. Exactly on the kind of
+    CPU the run was recorded on; on another kind (other kernels, other rounding), the discrete outcomes (rewards,
+    verdicts, lengths, counts) exactly and the float metrics within 5% (measured across kinds: at most 2%)."""
     run = tmp_path / "run"
     _finish(_run(_args(tiny_dir, tiny_data, run, *GOLDEN_RUNS[name])))
     facts, logged_reasons = _golden_facts(run)
@@ -269,12 +293,22 @@ def test_golden_run_is_unchanged(name, tiny_dir, tiny_data, tmp_path):
         GOLDEN.write_text(json.dumps({**golden, name: facts}, indent=1, sort_keys=True) + "\n")
         return
     want = golden[name]
+    same_cpu = facts["cpu"] == want["cpu"]
     assert len(facts["rows"]) == len(want["rows"])
     for got, expected, logged in zip(facts["rows"], want["rows"], logged_reasons):
-        assert got == expected
+        if same_cpu:
+            assert got == expected
+        else:
+            assert got.keys() == expected.keys()
+            for key, value in got.items():
+                if key.startswith(CONTINUOUS):
+                    assert value == pytest.approx(expected[key], rel=0.05, abs=1e-4), (got["step"], key)
+                else:
+                    assert value == expected[key], (got["step"], key)
         assert logged == {k: v for k, v in got.items() if k.startswith("reason/")}
-    assert facts["params_sha256"] == want["params_sha256"]
-    assert facts["optimizer_sums"] == want["optimizer_sums"]
+    if same_cpu:
+        assert facts["params_sha256"] == want["params_sha256"]
+        assert facts["optimizer_sums"] == want["optimizer_sums"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
