@@ -31,6 +31,7 @@ from model.load import autocast_to
 # far below their peak (SmolLM2 on one CPU core: 8 tokens take as long as 16, and 16 take a quarter of 128's time).
 CHUNK_CALL_TOKENS = 32
 
+
 def _device(model) -> torch.device:
     return next(model.parameters()).device
 
