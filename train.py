@@ -107,6 +107,9 @@ class Config:
     # of activations for one backward (peak RSS 8.1 GB over ~2.7 GB of weights, reference, gradients and AdamW
     # state); with 256 it stays under 4 GB, for one more forward of the body in the update.
     segment_tokens: int = 256  # update: recompute activations per prompt / N completion tokens (0 = keep them all)
+    # chunk_backward: with segments on one process, each chunk of completions runs its loss's backward right after
+    # its forward, so only the prompts are recomputed (the same gradients, one forward of the completions less).
+    chunk_backward: bool = True  # one process: backward per chunk of completions instead of recomputing it
     # --- evaluation, logging, checkpoints ---
     eval_every: int = 0  # evaluate every N RL steps (0 = only before and after training)
     eval_before: bool = True  # also evaluate the starting model (false skips it when its score is known)

@@ -184,7 +184,7 @@ def _step_settings(sizes: Sizes, micro_batch_tokens: int = 0, kl_coef: float = 0
         sampler_token_budget=65536, reward_mode="binary", dynamic_sampling=False, max_refill_rounds=0,
         micro_batch_tokens=micro_batch_tokens, ppo_epochs=1, minibatches=1, eps_low=0.2, eps_high=0.2,
         kl_coef=kl_coef, entropy_coef=0.4, entropy_kappa=2.0, entropy_mode="seq", loss_agg="token_mean",
-        std_norm=True, grad_clip=1.0, fsdp=False, tis_cap=2.0)
+        std_norm=True, grad_clip=1.0, fsdp=False, tis_cap=2.0, chunk_backward=True)
 
 
 def _random_advantages(batch, group: int, seed: int = 0) -> torch.Tensor:

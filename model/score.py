@@ -174,10 +174,9 @@ def shared_prompt_logprobs(model, prompt_ids: list[list[int]], completion_ids: l
     completion; at least one row) run as separate recomputed segments (torch.utils.checkpoint): only the segments'
     outputs (KV caches, the completions' last hidden states) are kept, and the backward recomputes one segment at
     a time. That costs one more forward of the body (but for the last chunk); the result and the gradients are the
-    same. Without gradients (the scoring passes) there is nothing to keep and segments are not used.
+    same. Without gradients (the scoring passes) there is nothing to keep and segments are not used. A loss that
+    sums over completions can skip the completions' recomputation: `shared_prompt_backward`.
     Returns (logp [N], entropy [N] or None, lengths), tokens in the order of the inputs."""
-    from model.sample import MIN_SHARED_PREFIX, shared_prefix_length
-
     _check(prompt_ids, completion_ids)
     body = _body(model)
     if activation_checkpointing_on(body):
@@ -187,54 +186,149 @@ def shared_prompt_logprobs(model, prompt_ids: list[list[int]], completion_ids: l
                                    vocab_size=vocab_size)
     device = _device(model)
     segmented = segment_tokens > 0 and torch.is_grad_enabled()
-    groups = []  # (first, end) of each run of completions with one prompt
-    i = 0
-    while i < len(prompt_ids):
-        j = i
-        while j < len(prompt_ids) and prompt_ids[j] == prompt_ids[i]:
-            j += 1
-        if any(completion_ids[i:j]):
-            groups.append((i, j))
-        i = j
-    if not groups:
+    plan = _Plan(prompt_ids, completion_ids, segment_tokens if segmented else 0)
+    if not plan.groups:
         return torch.zeros(0, device=device), (torch.zeros(0, device=device) if with_entropy else None), \
             [len(c) for c in completion_ids]
-    prefix_len, prefix_kv = 0, ()
-    if len(groups) > 1:
-        prefix_len = shared_prefix_length([prompt_ids[i] for i, _ in groups])
-        prefix_len = prefix_len if prefix_len >= MIN_SHARED_PREFIX else 0
-    # What the body will run, in order: the prefix, then per group its prompt's rest and its completion chunks
-    # (right-padded [k, Tc]). All of it is embedded in one call: the embedding's backward builds a dense
-    # [vocab, H] gradient (113 MB for SmolLM2), and once per segment that took ~0.8 s of a ~10 s backward (2-core CPU).
-    ids = [prompt_ids[groups[0][0]][:prefix_len]] if prefix_len else []
-    plan = []  # per group: (its first row, the index of its prompt's rest in ids, its chunks of rows)
-    for i, j in groups:
-        chunks = _completion_chunks([len(c) for c in completion_ids[i:j]], segment_tokens if segmented else 0)
-        plan.append((i, len(ids), chunks))
-        ids.append(prompt_ids[i][prefix_len:])
-        ids += [_right_padded([completion_ids[i + r] for r in rows]) for rows in chunks]
-    shapes = [(1, len(x)) if isinstance(x, list) else tuple(x.shape) for x in ids]
-    flat = torch.cat([torch.as_tensor(x, dtype=torch.long).reshape(-1) for x in ids]).to(device)
-    embeds = [e.view(*shape, -1) for e, shape in
-              zip(model.get_input_embeddings()(flat).split([a * b for a, b in shapes]), shapes)]
-    if prefix_len:
+    # All of it is embedded in one call: the embedding's backward builds a dense [vocab, H] gradient (113 MB for
+    # SmolLM2), and once per segment that took ~0.8 s of a ~10 s backward (2-core CPU).
+    embeds = plan.split(plan.embed(model, device))
+    prefix_kv = ()
+    if plan.prefix_len:
         _, prefix_kv = _run_segment(segmented, _prompt_segment, body, embeds[0])
     hidden_of = {}  # completion index -> the last hidden states that predict its tokens [len, H]
-    for g, (i, first, chunks) in enumerate(plan):
+    for g, (i, first, chunks) in enumerate(plan.groups):
         last_prompt, prompt_kv = _run_segment(segmented, _prompt_segment, body, embeds[first], *prefix_kv)
         for n, rows in enumerate(chunks):
-            lengths = [len(completion_ids[i + r]) for r in rows]
+            lengths = [len(completion_ids[r]) for r in rows]
             # The last chunk keeps its activations: the backward starts with it, before it recomputes any other
             # segment, so holding them costs no more memory than a recomputation does, and saves one.
-            last = g == len(plan) - 1 and n == len(chunks) - 1
+            last = g == len(plan.groups) - 1 and n == len(chunks) - 1
             comp_hidden = _run_segment(segmented and not last, _completion_segment, body, len(prompt_ids[i]),
                                        lengths, embeds[first + 1 + n], *prompt_kv)  # [k, Tc, H]
-            for k, (r, n_tokens) in enumerate(zip(rows, lengths)):  # the prompt's last state predicts token 0
-                hidden_of[i + r] = torch.cat([last_prompt[None], comp_hidden[k, :n_tokens - 1]], dim=0)
+            hidden_of.update(_chunk_hidden(rows, lengths, last_prompt, comp_hidden))
     targets = torch.tensor([t for c in completion_ids for t in c], dtype=torch.long, device=device)
     hidden = torch.cat([hidden_of[n] for n in sorted(hidden_of)], dim=0)  # [N, H], in the order of the inputs
     logp, entropy = head_logprobs(model, hidden, targets, temperature, with_entropy, vocab_size)
     return logp, entropy, [len(c) for c in completion_ids]
+
+
+class _Plan:
+    """What the shared-prompt forward runs through the body, in order: the prefix all prompts share (if long
+    enough), then per group its prompt's rest and its completion chunks (right-padded [k, Tc]).
+    groups: per group (its first row, the index of its prompt's rest in `ids`, its chunks of input rows)."""
+
+    def __init__(self, prompt_ids: list[list[int]], completion_ids: list[list[int]], segment_tokens: int):
+        from model.sample import MIN_SHARED_PREFIX, shared_prefix_length
+
+        runs = []  # (first, end) of each run of completions with one prompt and some tokens to score
+        i = 0
+        while i < len(prompt_ids):
+            j = i
+            while j < len(prompt_ids) and prompt_ids[j] == prompt_ids[i]:
+                j += 1
+            if any(completion_ids[i:j]):
+                runs.append((i, j))
+            i = j
+        self.prefix_len = 0
+        if len(runs) > 1:
+            prefix_len = shared_prefix_length([prompt_ids[i] for i, _ in runs])
+            self.prefix_len = prefix_len if prefix_len >= MIN_SHARED_PREFIX else 0
+        self.ids = [prompt_ids[runs[0][0]][:self.prefix_len]] if self.prefix_len else []
+        self.groups = []
+        for i, j in runs:
+            chunks = _completion_chunks([len(c) for c in completion_ids[i:j]], segment_tokens)
+            chunks = [[i + r for r in rows] for rows in chunks]
+            self.groups.append((i, len(self.ids), chunks))
+            self.ids.append(prompt_ids[i][self.prefix_len:])
+            self.ids += [_right_padded([completion_ids[r] for r in rows]) for rows in chunks]
+
+        self.shapes = [(1, len(x)) if isinstance(x, list) else tuple(x.shape) for x in self.ids]
+
+    def embed(self, model, device) -> torch.Tensor:
+        """The embeddings of all of `ids`, flat [tokens, H], from one embedding call."""
+        flat = torch.cat([torch.as_tensor(x, dtype=torch.long).reshape(-1) for x in self.ids]).to(device)
+        return model.get_input_embeddings()(flat)
+
+    def split(self, embedded: torch.Tensor) -> list[torch.Tensor]:
+        """Flat embeddings [tokens, H] -> views [1, T, H] or [k, Tc, H], one per entry of `ids`."""
+        return [e.view(*shape, -1) for e, shape in zip(embedded.split([a * b for a, b in self.shapes]), self.shapes)]
+
+
+def _chunk_hidden(rows: list[int], lengths: list[int], last_prompt: torch.Tensor, comp_hidden: torch.Tensor):
+    """Per row of a chunk, the hidden states that predict its tokens [len, H]: the prompt's last state predicts
+    token 0, the completion's own states the rest."""
+    return {r: torch.cat([last_prompt[None], comp_hidden[k, :n - 1]], dim=0)
+            for k, (r, n) in enumerate(zip(rows, lengths))}
+
+
+def shared_prompt_backward(model, prompt_ids: list[list[int]], completion_ids: list[list[int]], chunk_loss,
+                           temperature: float = 1.0, vocab_size: int | None = None, segment_tokens: int = 0):
+    """The gradients of a loss that sums over completions, at the memory of `shared_prompt_logprobs`' segments but
+    without their recomputation: each chunk of completions runs forward, then `chunk_loss(rows, logp, entropy)`
+    (rows: input indices; logp [n] and detached entropy [n] of their tokens in that order; -> a scalar) and its
+    backward at once, so the chunk's activations are freed as they would be after a recomputation, and every
+    completion runs through the body once instead of twice. The prompts (the shared prefix, each group's rest) run
+    first without gradients, giving the chunks their KV caches as leaves that collect the chunks' gradients; after
+    a group's chunks its prompt runs once more with gradients and takes them back (and the prefix's last, after
+    all groups), so the prompts still run twice, as in the segmented forward. Same gradients as that forward
+    followed by the backward of the sum of the losses; the backward runs once per chunk, so this is for a model
+    that no DDP/FSDP wrapper reduces gradients for. Returns (logp [N], entropy [N], lengths), detached, tokens in
+    the order of the inputs."""
+    _check(prompt_ids, completion_ids)
+    body = _body(model)
+    if activation_checkpointing_on(body):
+        raise ValueError("shared_prompt_backward cannot run with activation checkpointing on (its layers keep no "
+                         "KV cache): use shared_prompt_logprobs and one backward")
+    device = _device(model)
+    plan = _Plan(prompt_ids, completion_ids, segment_tokens)
+    logp_of, entropy_of = {}, {}
+    if plan.groups:
+        embedded = plan.embed(model, device)  # [tokens, H]
+        embedded_leaf = embedded.detach().requires_grad_()  # one embedding backward at the end, not one per chunk
+        embeds = plan.split(embedded_leaf)
+        prefix_kv = ()
+        if plan.prefix_len:
+            with torch.no_grad():
+                _, prefix_kv = _prompt_segment(body, embeds[0])
+            prefix_kv = _leaves(prefix_kv)
+        for i, first, chunks in plan.groups:
+            with torch.no_grad():
+                last_prompt, prompt_kv = _prompt_segment(body, embeds[first], *prefix_kv)
+            last_prompt, prompt_kv = _leaves([last_prompt])[0], _leaves(prompt_kv)
+            for n, rows in enumerate(chunks):
+                lengths = [len(completion_ids[r]) for r in rows]
+                comp_hidden = _completion_segment(body, len(prompt_ids[i]), lengths, embeds[first + 1 + n],
+                                                  *prompt_kv)  # [k, Tc, H]
+                hidden = torch.cat(list(_chunk_hidden(rows, lengths, last_prompt, comp_hidden).values()))
+                targets = torch.tensor([t for r in rows for t in completion_ids[r]], dtype=torch.long, device=device)
+                logp, entropy = head_logprobs(model, hidden, targets, temperature, True, vocab_size)
+                chunk_loss(rows, logp, entropy).backward()
+                for r, lp, e in zip(rows, logp.detach().split(lengths), entropy.split(lengths)):
+                    logp_of[r], entropy_of[r] = lp, e
+            # the prompt again, with gradients, taking back what its last state and its cache received
+            outputs = _prompt_segment(body, embeds[first], *prefix_kv)
+            _backward_into([outputs[0], *outputs[1]], [last_prompt, *prompt_kv])
+        if plan.prefix_len:
+            _backward_into(list(_prompt_segment(body, embeds[0])[1]), list(prefix_kv))
+        embedded.backward(embedded_leaf.grad)
+    order = [r for r in range(len(completion_ids)) if r in logp_of]
+    empty = torch.zeros(0, device=device)
+    logp = torch.cat([logp_of[r] for r in order]) if order else empty
+    entropy = torch.cat([entropy_of[r] for r in order]) if order else empty
+    return logp, entropy, [len(c) for c in completion_ids]
+
+
+def _leaves(tensors) -> tuple:
+    """Detached copies that collect gradients (the cut between a segment that ran without them and its users)."""
+    return tuple(t.detach().requires_grad_() for t in tensors)
+
+
+def _backward_into(outputs: list[torch.Tensor], leaves: list[torch.Tensor]) -> None:
+    """Backpropagate through `outputs` the gradients their detached copies `leaves` collected (none: nothing to)."""
+    pairs = [(o, leaf.grad) for o, leaf in zip(outputs, leaves) if leaf.grad is not None]
+    if pairs:
+        torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
 
 
 def _run_segment(segmented: bool, fn, *args):
@@ -326,6 +420,18 @@ class PolicyScorer(torch.nn.Module):
                                               self.vocab_size, self.segment_tokens)
             return completion_logprobs(self.policy, prompts, completions, temperature, with_entropy,
                                        vocab_size=self.vocab_size)
+
+    def can_backward_by_chunks(self) -> bool:
+        """backward_by_chunks saves something: shared prompts, recomputed segments, no activation checkpointing."""
+        return self.share_prompt_kv and self.segment_tokens > 0 and not activation_checkpointing_on(_body(self.policy))
+
+    def backward_by_chunks(self, prompts, completions, chunk_loss, *, temperature: float = 1.0):
+        """Rollout groups (G consecutive completions per prompt): the backward of the sum of chunk_loss over the
+        chunks of completions, each right after its chunk's forward (see shared_prompt_backward). Returns the
+        detached (logp [N], entropy [N], lengths)."""
+        with autocast_to(self.compute_dtype, next(self.policy.parameters()).device):
+            return shared_prompt_backward(self.policy, prompts, completions, chunk_loss, temperature, self.vocab_size,
+                                          self.segment_tokens)
 
 
 def describe_attention(model, compute_dtype: torch.dtype) -> str:

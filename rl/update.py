@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from model.sample import logprob_gap
-from model.score import pad_rows
+from model.score import PolicyScorer, pad_rows
 from rl.dist import finite_on_all_ranks, gradient_sync
 from rl.grpo import aggregate, kl_k3, per_token_loss, shaped_advantages, think_token_mask, truncated_is_weights
 from rl.rollout import RolloutBatch, seed_for
@@ -48,6 +48,13 @@ def micro_batches(batch: RolloutBatch, rows: list[int], token_budget: int, d) ->
         used += n
     count = int(d.all_reduce(torch.tensor(float(len(out))), "max").item())
     return out + [[] for _ in range(count - len(out))]
+
+
+def can_backward_by_chunks(train_scorer, d) -> bool:
+    """The update may run the backward of each chunk of completions right after its forward (no recomputation;
+    model.score.shared_prompt_backward): one process, and a scorer that no DDP/FSDP wrapper reduces gradients for
+    (their hooks expect one backward per forward)."""
+    return not d.distributed and type(train_scorer) is PolicyScorer and train_scorer.can_backward_by_chunks()
 
 
 def _placeholder_forward(scorer, **kwargs):
@@ -104,6 +111,7 @@ def update_policy(train_scorer, policy, optimizer, batch: RolloutBatch, scored: 
              "logp_gap_mean": 0.0, "logp_gap_max": 0.0, "tis_weight_mean": 0.0, "tis_capped_frac": 0.0,
              "updates": 0, "skipped": 0, "tokens": n_tokens}
     lengths = batch.lengths
+    chunked = cfg.chunk_backward and can_backward_by_chunks(train_scorer, d)
     for epoch in range(cfg.ppo_epochs):
         order = torch.randperm(S, generator=torch.Generator().manual_seed(seed_for(cfg.seed, "minibatch", step,
                                                                                     epoch)))
@@ -111,39 +119,48 @@ def update_policy(train_scorer, policy, optimizer, batch: RolloutBatch, scored: 
             idx = sorted(order[mb::cfg.minibatches].tolist())  # sorted: a group stays contiguous
             parts = micro_batches(batch, idx, cfg.micro_batch_tokens, d)
             loss_sum = torch.zeros((), device=device)
-            done = []  # (rows, logp, entropy, clipped, bonus) of each micro-batch, detached, for the statistics
+            done = []  # (rows, logp, entropy, clipped, bonus, weight) of each part, detached, for the statistics
+
+            def rows_loss(rows: list[int], lp: torch.Tensor, ent: torch.Tensor) -> torch.Tensor:
+                """The loss of sequences `rows` (a part of this optimizer step's) from their tokens' log-probs and
+                entropies under the policy being trained ([n], concatenated in the order of rows)."""
+                nonlocal loss_sum
+                mb_mask = mask[rows].to(device)
+                logp = torch.zeros(len(rows), T, device=device, dtype=torch.float32)
+                logp[mb_mask.bool()] = lp
+                mb_entropy = pad_rows(ent, mb_mask) if fresh else scored.entropy[rows].to(device)
+                mb_old = logp.detach() if fresh else scored.old_logp[rows].to(device)
+                adv, bonus = shaped_advantages(advantages[rows].to(device), mb_entropy, think_mask[rows].to(device),
+                                               cfg.entropy_mode, cfg.entropy_coef, cfg.entropy_kappa)
+                mb_ref = scored.ref_logp[rows].to(device) if scored.ref_logp is not None else None
+                weight = None
+                if cfg.tis_cap > 0 and batch.sampler_logp is not None:  # the sampler's own log-probs
+                    sampler_lp = pad_rows(torch.cat([batch.sampler_logp[i] for i in rows]), mb_mask)
+                    weight = truncated_is_weights(mb_old, sampler_lp, cfg.tis_cap)
+                loss_tok, clipped = per_token_loss(logp, mb_old, adv, cfg.eps_low, cfg.eps_high, mb_ref, cfg.kl_coef,
+                                                   weight)
+                # normalised over the whole optimizer step's tokens/sequences on all ranks; x world undoes the
+                # averaging of gradients across ranks
+                loss = aggregate(loss_tok, mb_mask, cfg.loss_agg, n_seqs / cfg.minibatches,
+                                 n_tokens / cfg.minibatches, cfg.max_new_tokens) * d.world
+                loss_sum += loss.detach()
+                done.append((rows, logp.detach(), mb_entropy, clipped, bonus,
+                             torch.ones_like(logp) if weight is None else weight))
+                return loss
+
             for k, rows in enumerate(parts):
+                prompts, completions = [batch.prompts[i] for i in rows], [batch.completions[i] for i in rows]
+                if chunked and rows:  # each chunk's backward right after its forward (see can_backward_by_chunks)
+                    train_scorer.backward_by_chunks(prompts, completions, lambda part, lp, ent: rows_loss(
+                        [rows[j] for j in part], lp, ent), temperature=cfg.temperature)
+                    continue
                 with gradient_sync(train_scorer, k == len(parts) - 1):  # all-reduce once, on the last
                     if not rows:
                         (_placeholder_forward(train_scorer, temperature=cfg.temperature).sum() * 0).backward()
                         continue
-                    lp, ent, _ = train_scorer([batch.prompts[i] for i in rows],
-                                              [batch.completions[i] for i in rows],
-                                              temperature=cfg.temperature, with_entropy=True, grouped=True)
-                    mb_mask = mask[rows].to(device)
-                    logp = torch.zeros(len(rows), T, device=device, dtype=torch.float32)
-                    logp[mb_mask.bool()] = lp
-                    mb_entropy = pad_rows(ent, mb_mask) if fresh else scored.entropy[rows].to(device)
-                    mb_old = logp.detach() if fresh else scored.old_logp[rows].to(device)
-                    adv, bonus = shaped_advantages(advantages[rows].to(device), mb_entropy,
-                                                   think_mask[rows].to(device), cfg.entropy_mode,
-                                                   cfg.entropy_coef, cfg.entropy_kappa)
-                    mb_ref = scored.ref_logp[rows].to(device) if scored.ref_logp is not None else None
-                    weight = None
-                    if cfg.tis_cap > 0 and batch.sampler_logp is not None:  # the sampler's own log-probs
-                        sampler_lp = pad_rows(torch.cat([batch.sampler_logp[i] for i in rows]), mb_mask)
-                        weight = truncated_is_weights(mb_old, sampler_lp, cfg.tis_cap)
-                    loss_tok, clipped = per_token_loss(logp, mb_old, adv, cfg.eps_low, cfg.eps_high, mb_ref,
-                                                       cfg.kl_coef, weight)
-                    if weight is None:
-                        weight = torch.ones_like(logp)
-                    # normalised over the whole optimizer step's tokens/sequences on all ranks; x world undoes
-                    # the averaging of gradients across ranks
-                    loss = aggregate(loss_tok, mb_mask, cfg.loss_agg, n_seqs / cfg.minibatches,
-                                     n_tokens / cfg.minibatches, cfg.max_new_tokens) * d.world
-                    loss.backward()
-                loss_sum += loss.detach()
-                done.append((rows, logp.detach(), mb_entropy, clipped, bonus, weight))
+                    lp, ent, _ = train_scorer(prompts, completions, temperature=cfg.temperature, with_entropy=True,
+                                              grouped=True)
+                    rows_loss(rows, lp, ent).backward()
             grad_norm, skip = None, None
             if not finite_on_all_ranks(loss_sum):
                 skip = "non-finite loss"

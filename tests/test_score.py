@@ -253,6 +253,58 @@ def test_segmented_shared_prompt_forward_gives_the_same_gradients_and_recomputes
     torch.testing.assert_close(lp, whole[0], rtol=0, atol=1e-5)
 
 
+
+@pytest.mark.parametrize("prefix", [0, 19])
+def test_backward_by_chunks_gives_the_segmented_gradients_without_recomputing_completions(tiny_tokenizer, prefix):
+    """shared_prompt_backward runs each chunk's loss backward right after its forward: the same log-probs,
+    entropies, loss and gradients as the segmented forward followed by one backward of the summed loss (here a
+    nonlinear per-token loss that also reads the entropies), with every completion chunk through the body once;
+    only the prompts (and the prefix) run twice."""
+    from model.score import PolicyScorer, shared_prompt_backward, shared_prompt_logprobs
+    from model.tiny import tiny_model
+    model = tiny_model(tiny_tokenizer, seed=int(torch.randint(0, 2**31, ()))).train()
+    prompts_once, completions = random_batch(model.config.vocab_size, [6, 3, 8], [5, 3, 4, 1, 0, 6, 2, 7])
+    common = torch.randint(3, model.config.vocab_size, (prefix,)).tolist()
+    prompts_once = [common + p for p in prompts_once]
+    prompts = [prompts_once[0]] * 4 + [prompts_once[1]] * 3 + [prompts_once[2]]  # groups of 4, 3 and 1
+    lengths = [len(c) for c in completions]
+    starts = [sum(lengths[:r]) for r in range(len(lengths))]
+    weights = torch.randn(sum(lengths))
+
+    def token_loss(logp, entropy, w):
+        return (w * logp + 0.3 * logp.square() * entropy).sum()
+
+    body_calls = []
+    model.get_decoder().layers[0].register_forward_hook(lambda *_: body_calls.append(1))
+    model.zero_grad()
+    logp, entropy, _ = shared_prompt_logprobs(model, prompts, completions, 0.7, True, segment_tokens=8)
+    whole_loss = token_loss(logp, entropy, weights)
+    whole_loss.backward()
+    whole = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    body_calls.clear()
+    seen, losses = [], []
+
+    def chunk_loss(rows, lp, ent):
+        seen.extend(rows)
+        w = torch.cat([weights[starts[r]:starts[r] + lengths[r]] for r in rows])
+        losses.append(token_loss(lp, ent, w))
+        return losses[-1]
+
+    scorer = PolicyScorer(model, model.config.vocab_size, segment_tokens=8)
+    assert scorer.can_backward_by_chunks() and not PolicyScorer(model, 10).can_backward_by_chunks()
+    lp, ent, out_lengths = shared_prompt_backward(model, prompts, completions, chunk_loss, 0.7, segment_tokens=8)
+    assert sorted(seen) == [r for r, n in enumerate(lengths) if n]  # every completion in exactly one chunk
+    assert out_lengths == lengths and not lp.requires_grad
+    # (the prefix,) 3 prompts and 6 chunks forward without and then the prompts with gradients: nothing else
+    assert len(body_calls) == 2 * (1 if prefix else 0) + 2 * 3 + 6
+    torch.testing.assert_close(lp, logp.detach(), rtol=0, atol=1e-5)
+    torch.testing.assert_close(ent, entropy, rtol=0, atol=1e-5)
+    torch.testing.assert_close(sum(losses).detach(), whole_loss.detach(), rtol=1e-5, atol=1e-5)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, whole[name], rtol=1e-4, atol=1e-5)
+    assert sum(int(g.abs().max() > 1e-4) for g in whole.values()) > len(whole) // 2  # not vacuous
+
 # ---------------------------------------------------------------------------------------------------------------
 # Packed scoring through torch's varlen attention (model.varlen). Its kernels are CUDA-only, so on CPU varlen_attn
 # is replaced by a float64 reference under each calling convention torch has had, and the CUDA/bf16 gate is opened.

@@ -23,7 +23,7 @@ def _cfg(**kw):
     base = dict(ppo_epochs=1, minibatches=1, seed=0, micro_batch_tokens=0, temperature=0.7, entropy_mode="seq",
                 entropy_coef=0.4, entropy_kappa=2.0, eps_low=0.2, eps_high=0.2, kl_coef=0.05, loss_agg="token_mean",
                 max_new_tokens=8, grad_clip=1e9, fsdp=False, prompt_format=PromptFormat("think", "python", "<think>"),
-                tis_cap=2.0)
+                tis_cap=2.0, chunk_backward=True)
     return SimpleNamespace(**{**base, **kw})
 
 
@@ -122,3 +122,38 @@ def test_micro_batched_step_equals_the_whole_batch_step(tiny_tokenizer, loss_agg
     assert s0["updates"] == s1["updates"] == minibatches
     for key in ("loss", "kl", "clip_frac", "cot_entropy", "bonus", "grad_norm"):
         assert s1[key] == pytest.approx(s0[key], rel=1e-4, abs=1e-7), key  # float summation order
+
+
+@pytest.mark.parametrize("micro_batch_tokens,ppo_epochs", [(0, 1), (24, 1), (0, 2)])
+def test_backward_by_chunks_gives_the_same_step(tiny_tokenizer, micro_batch_tokens, ppo_epochs):
+    """One process with recomputed segments runs each chunk's backward after its forward (chunk_backward): the
+    same parameters and statistics as the segmented forward with one backward per micro-batch, on-policy and off
+    (two epochs: old log-probs from the scoring pass), in micro-batches too."""
+    from model.tiny import tiny_model
+    from rl.update import can_backward_by_chunks
+    policy = tiny_model(tiny_tokenizer, seed=int(torch.randint(0, 2**31, ())))
+    reference = tiny_model(tiny_tokenizer, seed=1).eval().requires_grad_(False)
+    vocab = len(tiny_tokenizer)
+    batch = _random_batch(vocab, n_groups=3, G=4)
+    advantages = group_advantages(torch.tensor(batch.rewards), batch.group_size)
+    results = {}
+    for chunked in (False, True):
+        model = copy.deepcopy(policy)
+        cfg = _cfg(micro_batch_tokens=micro_batch_tokens, ppo_epochs=ppo_epochs, chunk_backward=chunked)
+        scorer = PolicyScorer(model, vocab, segment_tokens=8)  # chunks of a few rows
+        assert can_backward_by_chunks(scorer, Dist())
+        scored = score_rollouts(scorer, PolicyScorer(reference, vocab), batch, tiny_tokenizer, cfg, Dist())
+        optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+        model.train()
+        stats = update_policy(scorer, model, optimizer, batch, scored, advantages, 0, cfg, Dist(), log=lambda m: None)
+        results[chunked] = (dict(model.named_parameters()), stats)
+    (p0, s0), (p1, s1) = results[False], results[True]
+    moved = 0
+    for name, before in policy.named_parameters():
+        grad0, grad1 = (p0[name] - before) / LR, (p1[name] - before) / LR
+        torch.testing.assert_close(grad1, grad0, rtol=1e-3, atol=1e-4)
+        moved += int(grad0.abs().max() > 1e-3)
+    assert moved > len(p0) // 2, "the step changed little: the comparison would be nearly vacuous"
+    assert s0["updates"] == s1["updates"] == ppo_epochs
+    for key in ("loss", "kl", "clip_frac", "cot_entropy", "bonus", "grad_norm", "tis_weight_mean"):
+        assert s1[key] == pytest.approx(s0[key], rel=1e-4, abs=1e-7), key
