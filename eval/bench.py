@@ -357,6 +357,8 @@ def bench_sampler(argv):
     if not args.skip_ablations:
         add("sampler_no_prune", "  without dropping finished rows", sampler(decode_chunk=new), rollout_dtype)
         add("sampler_no_prefix", "  without the shared prefix", sampler(share_prefix=False), rollout_dtype)
+        add("sampler_no_grouped", "  without grouped decoding (G copies of each prompt's keys and values)",
+            sampler(grouped_decode=False), rollout_dtype)
         add("sampler_expand", "  expand then prefill, nothing shared or dropped",
             sampler(prefill_once=False, share_prefix=False, decode_chunk=new), rollout_dtype)
     static = args.static == "on" or (args.static == "auto" and device.type == "cuda")

@@ -14,7 +14,8 @@ What this module guarantees, and why each point matters:
   * A group's prompt is encoded once: the prompt batch is run through the model once, and the KV cache is
     repeated G times before decoding (`prefill_once=True`); a prefix that all prompts of a call share (the system
     prompt's instructions) is encoded once for the whole call, with the padding placed after it
-    (`share_prefix=True`).
+    (`share_prefix=True`). On CPU the cache is not even repeated: the G rows decode against one copy of their
+    prompt's keys and values (cascade attention, model/cascade.py; `grouped_decode=True`).
   * Rows that are done cost nothing more: generate() runs in rounds of DECODE_CHUNK tokens, and after each round
     the rows that reached EOS (or the caller's `stop` condition, e.g. a closed </answer> in evaluation) leave the
     batch and the KV cache, and prompts still waiting take their places (left-padded to the batch's width), so
@@ -42,6 +43,7 @@ from tqdm import tqdm
 from transformers import DynamicCache, LogitsProcessor
 from transformers.cache_utils import DynamicLayer
 
+from model.cascade import available as cascade_available
 from model.compat import cache_kwargs
 
 DEFAULT_TOKEN_BUDGET = 1 << 16  # rows * (longest row + max_new_tokens) decoding at once
@@ -331,7 +333,7 @@ class _GrowingLayer(DynamicLayer):
             key_states, value_states = key_states.to(dtype), value_states.to(dtype)
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        n, k = self.get_seq_length(), key_states.shape[-2]
+        n, k = DynamicLayer.get_seq_length(self), key_states.shape[-2]  # the columns in the buffers
         held = getattr(self, "_held", None)  # (key buffer, value buffer) [B, h, capacity, d]
         if (held is None or n == 0 or self.keys.data_ptr() != held[0].data_ptr()
                 or self.keys.shape[:2] != held[0].shape[:2] or n + k > held[0].shape[-2]):
@@ -362,6 +364,61 @@ def _new_cache(config, kv: tuple = ()):
     return cache
 
 
+class _GroupedLayer(_GrowingLayer):
+    """A _GrowingLayer for G rows per prompt that holds each prompt's keys and values once (model.cascade):
+    `shared` (keys, values) [groups, h, P, d] are the prompts' columns, `group` [rows] each row's prompt; the buffers
+    (`keys`, `values`) hold only the columns after them, each row's own. The attention function `grouped_sdpa`
+    reads both; everything else sees the P columns through get_seq_length and full_keys_values."""
+
+    def __init__(self, shared: tuple[torch.Tensor, torch.Tensor], group: torch.Tensor):
+        super().__init__()
+        self.shared = shared
+        self.set_group(group)
+
+    def set_group(self, group: torch.Tensor) -> None:
+        self.group = group
+        self.rows_of_group = [(g, (group == g).nonzero().squeeze(1)) for g in group.unique().tolist()]
+
+    def get_seq_length(self) -> int:
+        return self.shared[0].shape[2] + DynamicLayer.get_seq_length(self)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if DynamicLayer.get_seq_length(self) > 0:
+            self.keys, self.values = self.keys[indices], self.values[indices]
+        self.set_group(self.group[indices])
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise NotImplementedError("a grouped cache layer is built from a repeated one, not repeated itself")
+
+    def full_keys_values(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every row's keys and values [rows, h, P + own, d], as an ungrouped layer holds them (a copy)."""
+        own = DynamicLayer.get_seq_length(self) > 0
+        return tuple(torch.cat([t.index_select(0, self.group), mine], dim=2) if own else t.index_select(0, self.group)
+                     for t, mine in zip(self.shared, (self.keys, self.values)))
+
+
+def _grouped(cache, group_size: int):
+    """The cache of n prompts -> the same for n * group_size rows (each prompt's G rows together), each prompt's
+    columns held once per full-attention layer (_GroupedLayer); other layers are repeated."""
+    group = torch.arange(len(cache.layers[0].keys), device=cache.layers[0].keys.device)
+    group = group.repeat_interleave(group_size)
+    for i, layer in enumerate(cache.layers):
+        if isinstance(layer, _GrowingLayer):
+            cache.layers[i] = _GroupedLayer((layer.keys.contiguous(), layer.values.contiguous()), group)
+        else:
+            layer.batch_repeat_interleave(group_size)
+    return cache
+
+
+def _ungrouped(cache, config):
+    """A cache whose layers hold every row's columns (a copy if any layer is grouped, else the cache itself)."""
+    if not any(isinstance(layer, _GroupedLayer) for layer in cache.layers):
+        return cache
+    kv = tuple(t for layer in cache.layers for t in (layer.full_keys_values() if isinstance(layer, _GroupedLayer)
+                                                     else (layer.keys, layer.values)))
+    return _new_cache(config, kv)
+
+
 @torch.no_grad()
 def _prefix_kv(model, prefix: list[int], device) -> tuple:
     """The keys and values of a prefix that every prompt of a call shares, computed once on one row (flat tensors,
@@ -377,9 +434,11 @@ def _prefix_kv(model, prefix: list[int], device) -> tuple:
 
 
 @torch.no_grad()
-def _prefill(model, input_ids, attention_mask, group_size: int, prefix_len: int, prefix_kv: tuple = ()):
+def _prefill(model, input_ids, attention_mask, group_size: int, prefix_len: int, prefix_kv: tuple = (),
+             grouped: bool = False):
     """Run all but the last prompt token through the model, once per prompt (not per completion), starting from the
-    shared prefix's keys and values (`prefix_kv`, its first prefix_len columns); then repeat the cache G times.
+    shared prefix's keys and values (`prefix_kv`, its first prefix_len columns); then repeat the cache G times, or
+    with `grouped` hold each prompt's columns once for its G rows (_GroupedLayer, read by model.cascade).
     -> a DynamicCache holding P-1 tokens per row.
 
     generate() is then given the full expanded input_ids and mask: it sees a cache holding P-1 tokens and feeds
@@ -391,6 +450,8 @@ def _prefill(model, input_ids, attention_mask, group_size: int, prefix_len: int,
         model(input_ids=input_ids[:, prefix_len:P - 1], attention_mask=mask,
               position_ids=_positions(mask)[:, prefix_len:], use_cache=True, logits_to_keep=1,
               **cache_kwargs(model, cache))
+    if group_size > 1 and grouped and cache.get_seq_length() > 0:
+        return _grouped(cache, group_size)
     if group_size > 1:
         cache.batch_repeat_interleave(group_size)  # [B, h, P-1, d] -> [B*G, h, P-1, d], rows grouped per prompt
     return cache
@@ -497,6 +558,14 @@ class _Live:
         first = int(self.attention_mask.any(0).long().argmax())
         if first >= min_columns:
             self.input_ids, self.attention_mask = self.input_ids[:, first:], self.attention_mask[:, first:]
+            if any(isinstance(layer, _GroupedLayer) for layer in self.cache.layers):
+                # the leading columns are prompt padding, in the prompts' part (a row's own columns are all real)
+                for layer in self.cache.layers:
+                    if isinstance(layer, _GroupedLayer):
+                        layer.shared = tuple(t[:, :, first:] for t in layer.shared)
+                    else:
+                        layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
+                return
             self.cache = _new_cache(config, tuple(t[:, :, first:] for t in cache_tensors(self.cache)))
 
 
@@ -517,7 +586,8 @@ def _join(a: _Live, b: _Live, pad_id: int, config) -> _Live:
 
     na, width = len(a.rows), L - 1  # the cache holds all but the last column
     buffers = []
-    for ta, tb in zip(cache_tensors(a.cache), cache_tensors(b.cache)):  # [n, h, columns, d]
+    # joined rows of different prompts lose their grouping: the prompts' columns come out in every row
+    for ta, tb in zip(cache_tensors(_ungrouped(a.cache, config)), cache_tensors(_ungrouped(b.cache, config))):  # [n, h, columns, d]
         buffer = ta.new_empty((na + len(b.rows), ta.shape[1], width + _GrowingLayer.SPARE, ta.shape[3]))
         for rows, t in ((slice(0, na), ta), (slice(na, None), tb)):
             pad = width - t.shape[2]
@@ -546,12 +616,14 @@ def _decode_round(model, live: _Live, row_seeds: np.ndarray, how: _Decoding):
         if (how.record or not how.greedy) else None
     procs = _processors(how.vocab, how.temperature, how.top_k, how.top_p, chooser)
     kwargs = cache_kwargs(model, live.cache) if live.cache is not None else {}
-    # synced_gpus=False: transformers would otherwise turn it on for an FSDP-managed model and all-reduce a flag
-    # every decoding step; the trainer gathers full parameters around generation instead (rl.dist.full_params),
-    # so each rank decodes alone, however many calls and steps its share takes
-    sequences = model.generate(input_ids=live.input_ids, attention_mask=live.attention_mask,
-                               generation_config=how.gen_config, logits_processor=procs, synced_gpus=False,
-                               **kwargs)  # [n, L + k]
+    grouped = live.cache is not None and any(isinstance(layer, _GroupedLayer) for layer in live.cache.layers)
+    with _grouped_attention(model, live.cache) if grouped else contextlib.nullcontext():
+        # synced_gpus=False: transformers would otherwise turn it on for an FSDP-managed model and all-reduce a
+        # flag every decoding step; the trainer gathers full parameters around generation instead
+        # (rl.dist.full_params), so each rank decodes alone, however many calls and steps its share takes
+        sequences = model.generate(input_ids=live.input_ids, attention_mask=live.attention_mask,
+                                   generation_config=how.gen_config, logits_processor=procs, synced_gpus=False,
+                                   **kwargs)  # [n, L + k]
     new = sequences[:, live.input_ids.shape[1]:]
     k = new.shape[1]
     logp = torch.stack(chooser.logp[:k], dim=1).cpu() if how.record and k else None  # [n, k]
@@ -564,6 +636,17 @@ def _decode_round(model, live: _Live, row_seeds: np.ndarray, how: _Decoding):
     live.input_ids = sequences  # the cache holds all of it but the last token, which the next call feeds
     live.attention_mask = torch.cat([live.attention_mask, live.attention_mask.new_ones((len(live.rows), k))], dim=1)
     return results, k
+
+
+@contextlib.contextmanager
+def _grouped_attention(model, cache):
+    """generate() inside the block decodes with model.cascade's attention over `cache`'s grouped layers."""
+    from model import cascade
+    from model.varlen import attention_implementation
+
+    cascade.register()
+    with attention_implementation(model.config, cascade.GROUPED_ATTN), cascade.decoding_with(cache):
+        yield
 
 
 def _cut_at_eos(tokens: list[int], eos: set[int]) -> tuple[list[int], bool]:
@@ -587,7 +670,7 @@ def sample(model, tokenizer, prompt_ids: list[list[int]], group_size: int = 8, m
            prefill_once: bool = True, share_prefix: bool = True, static_cache: bool = False,
            compile_decode: bool = True, progress: bool = False, row_seeds: list[int] | None = None, stop=None,
            decode_chunk: int = DECODE_CHUNK, caches: list[RowCache | None] | None = None,
-           keep_caches: bool = False, max_rows: int | None = None) -> Rollouts:
+           keep_caches: bool = False, max_rows: int | None = None, grouped_decode: bool = True) -> Rollouts:
     """Sample `group_size` completions for each prompt (token ids, chat template already applied).
 
     greedy=True is for evaluation: one completion per prompt (group_size is ignored), argmax decoding.
@@ -595,6 +678,9 @@ def sample(model, tokenizer, prompt_ids: list[list[int]], group_size: int = 8, m
         (temperature applied, real vocabulary only, top-k/top-p truncation if enabled).
     prefill_once: encode each prompt once for its G completions (else: expand the prompts G times, then prefill).
     share_prefix: encode the prefix that all prompts share (the system prompt) once per call.
+    grouped_decode: with prefill_once and G > 1, the G rows of a prompt decode against one copy of its keys and
+        values (cascade attention, model.cascade) instead of G copies; CPU with SDPA attention only, else ignored.
+        Once waiting prompts join a running batch, the batch decodes ungrouped.
     static_cache: static KV cache, prompt lengths padded to a multiple of 64 (fewer distinct shapes). It expands the
         prompts before prefill and decodes every row to the end. compile_decode: torch.compile the decode step
         (on any device; one compile per distinct batch size x cache length, on the first call of each).
@@ -644,6 +730,7 @@ def sample(model, tokenizer, prompt_ids: list[list[int]], group_size: int = 8, m
     refill = dynamic and prefill_once  # rows that finish make room for prompts still waiting
     prefix_len = shared_prefix_length(prompt_ids) if refill and share_prefix and len(prompt_ids) > 1 else 0
     prefix_len = prefix_len if prefix_len >= MIN_SHARED_PREFIX else 0
+    grouped = grouped_decode and refill and group_size > 1 and cascade_available(model)
     waiting = deque(sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i])))  # short first: less padding
     most_rows = max_rows if max_rows else math.inf
 
@@ -667,7 +754,7 @@ def sample(model, tokenizer, prompt_ids: list[list[int]], group_size: int = 8, m
         else:
             input_ids, attention_mask = left_pad(prompts, pad_id, length_multiple, model.device, prefix_len)
             if refill:
-                cache = _prefill(model, input_ids, attention_mask, group_size, prefix_len, prefix_kv)
+                cache = _prefill(model, input_ids, attention_mask, group_size, prefix_len, prefix_kv, grouped)
             elif dynamic:
                 cache = _new_cache(model.config)
             else:

@@ -532,3 +532,85 @@ def test_growing_cache_layer_appends_in_place_and_holds_what_concatenation_would
         got, want = held.update(keys, values), plain.update(keys, values)
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), step
         assert (held.keys.data_ptr() == buffers[0].data_ptr()) == (step < 2), step
+
+
+def test_grouped_decoding_reads_each_prompt_once_and_samples_the_same(tiny_model, tiny_tokenizer, monkeypatch):
+    """grouped_decode: the G rows of a prompt attend to one copy of its keys and values (model.cascade), merged
+    with their own tokens' attention through the log-sum-exps. The same completions and log-probs (float64) as G
+    copies: rows finishing and leaving, prompts of different lengths (padding inside the prompts' part), the shared
+    prefix, waiting prompts joining (the batch then decodes ungrouped), and leading padding trimmed off a grouped
+    batch. The prompts' part runs once per group per layer and decoding step."""
+    from model import cascade
+    from model.sample import _GroupedLayer, _Live
+    model = eos_likely(tiny_model.double(), tiny_tokenizer.eos_token_id, strength=4.0)
+    prefix = tiny_tokenizer.encode("a shared system prompt, long enough to be encoded once per batch: ")
+    kernel_queries = []  # the query block of every call of the attention kernel
+    flash = cascade._flash_cpu
+    monkeypatch.setattr(cascade, "_flash_cpu", lambda q, *a: kernel_queries.append(q.shape) or flash(q, *a))
+    trims = []  # per trim that dropped columns: whether the batch was grouped
+    trim = _Live.trim
+
+    def recording_trim(self, config, min_columns=32):
+        grouped, width = any(isinstance(x, _GroupedLayer) for x in self.cache.layers), self.attention_mask.shape[1]
+        trim(self, config, min_columns)
+        if self.attention_mask.shape[1] < width:
+            trims.append(grouped)
+
+    monkeypatch.setattr(_Live, "trim", recording_trim)
+    long_and_short = encode(tiny_tokenizer, ["hi", "a much longer question that pads the short ones: f(x=1), g(y=2)?",
+                                             "ok"])
+
+    def both(prompts, **kw):
+        kernel_queries.clear()
+        grouped = sample(model, tiny_tokenizer, prompts, return_logprobs=True, **kw)
+        calls = list(kernel_queries)
+        plain = sample(model, tiny_tokenizer, prompts, return_logprobs=True, grouped_decode=False, **kw)
+        assert grouped.completion_ids == plain.completion_ids, kw
+        torch.testing.assert_close(torch.cat(grouped.sampler_logp), torch.cat(plain.sampler_logp), rtol=0, atol=1e-9)
+        return grouped, calls
+
+    G = 4
+    kw = dict(group_size=G, max_new_tokens=24, temperature=1.0, decode_chunk=4)
+    prompts = [prefix + p for p in encode(tiny_tokenizer)]
+    out, calls = both(prompts, row_seeds=list(range(77, 77 + 3 * G)), **kw)
+    assert len({len(c) for c in out.completion_ids}) > 3, "the test needs rows that end at different steps"
+    kv, rep, d = model.config.num_key_value_heads, model.config.num_attention_heads // model.config.num_key_value_heads, \
+        model.config.head_dim
+    # the first layer's first step: a block per prompt (its G rows x the query heads of a key/value head) against its
+    # one copy, then every row's own token
+    assert calls[:4] == [(1, kv, G * rep, d)] * 3 + [(3 * G, kv, rep, d)]
+    both(prompts, row_seeds=list(range(77, 77 + 3 * G)), max_rows=2 * G, **kw)  # the third prompt joins later
+    for base in range(0, 600, 6):  # seeds under which a long prompt's rows all end first, and trim fires grouped
+        trims.clear()
+        both(long_and_short, row_seeds=list(range(base, base + 6)), group_size=2, max_new_tokens=40,
+             temperature=1.0, decode_chunk=2)
+        if trims and trims[0]:
+            break
+    assert trims and trims[0], "no seeds made a grouped batch trim its leading padding"
+
+
+def test_grouped_decoding_under_bf16_autocast_stays_as_close_to_fp32(tiny_model, tiny_tokenizer, monkeypatch):
+    """Under bf16 autocast (the trainer's rollouts on CPUs with native bf16) the query leaves the rotary embedding
+    in fp32 while the cache holds bf16: grouped attention attends in bf16, as autocast casts SDPA. Its log-probs
+    are as close to the fp32 model's as ungrouped bf16 decoding's (each partial softmax is rounded to bf16 before
+    the merge, so a little less close)."""
+    from model import cascade
+    from model.load import autocast_to
+    model = eos_likely(tiny_model, tiny_tokenizer.eos_token_id, strength=3.0)
+    prefix = tiny_tokenizer.encode("a shared system prompt, long enough to be encoded once per batch: ")
+    prompts = [prefix + p for p in encode(tiny_tokenizer)]
+    calls = []
+    flash = cascade._flash_cpu
+    monkeypatch.setattr(cascade, "_flash_cpu", lambda q, *a: calls.append(q.dtype) or flash(q, *a))
+    kw = dict(group_size=4, max_new_tokens=24, temperature=1.0, row_seeds=list(range(12)), return_logprobs=True,
+              decode_chunk=4)
+    vocab = real_vocab_size(tiny_tokenizer, model)
+    gaps = {}
+    for grouped in (True, False):
+        with torch.no_grad(), autocast_to(torch.bfloat16, torch.device("cpu")):
+            out = sample(model, tiny_tokenizer, prompts, grouped_decode=grouped, **kw)
+        gaps[grouped] = torch.cat([(reference_logp(model, prompts[i // 4], c, 1.0, vocab)
+                                    - out.sampler_logp[i].double()).abs() for i, c in enumerate(out.completion_ids)
+                                   if c]).mean().item()
+    assert calls and set(calls) == {torch.bfloat16}
+    assert 0 < gaps[True] < 2 * gaps[False], gaps
