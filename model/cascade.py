@@ -12,11 +12,11 @@ and the two partial softmaxes are joined through their log-sum-exps: out = (o1 *
 
 The KV-cache layer that holds a group's prompt once is model.sample's `_GroupedLayer`: `shared` (keys, values)
 [groups, kv heads, P, d], `rows_of_group` (each group's rows), the rows' own columns as its keys and values, and
-`full_keys_values()`. `grouped_attention_forward` is registered
-with transformers as the attention implementation `grouped_sdpa` and reads the layer of the generate() call in
-progress (`decoding_with`). Decoding steps only (one query token per row): anything else, or a layer that is not
-grouped, goes to transformers' own SDPA attention. CPU only: the partial softmaxes come from PyTorch's CPU
-flash-attention kernel, which returns their log-sum-exps.
+`full_keys_values()`. `grouped_attention_forward` is registered with transformers as the attention implementation
+`grouped_sdpa` and reads the layers of the cache of the generate() call in progress (`decoding_with`). Decoding
+steps only (one query token per row): anything else, or a layer that is not grouped, goes to transformers' own SDPA
+attention. CPU only: the partial softmaxes come from PyTorch's CPU flash-attention kernel, which returns their
+log-sum-exps.
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ _decoding = contextvars.ContextVar("grouped_decoding_cache", default=None)
 
 @contextlib.contextmanager
 def decoding_with(cache):
-    """Inside the block, grouped attention reads the GroupedLayers of `cache` (the KV cache of the generate() call
+    """Inside the block, grouped attention reads the grouped layers of `cache` (the KV cache of the generate() call
     the block runs)."""
     token = _decoding.set(cache)
     try:

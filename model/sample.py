@@ -586,8 +586,9 @@ def _join(a: _Live, b: _Live, pad_id: int, config) -> _Live:
 
     na, width = len(a.rows), L - 1  # the cache holds all but the last column
     buffers = []
-    # joined rows of different prompts lose their grouping: the prompts' columns come out in every row
-    for ta, tb in zip(cache_tensors(_ungrouped(a.cache, config)), cache_tensors(_ungrouped(b.cache, config))):  # [n, h, columns, d]
+    # [n, h, columns, d] per layer; joined rows of different prompts lose their grouping (a prompt's columns in
+    # each of its rows)
+    for ta, tb in zip(cache_tensors(_ungrouped(a.cache, config)), cache_tensors(_ungrouped(b.cache, config))):
         buffer = ta.new_empty((na + len(b.rows), ta.shape[1], width + _GrowingLayer.SPARE, ta.shape[3]))
         for rows, t in ((slice(0, na), ta), (slice(na, None), tb)):
             pad = width - t.shape[2]

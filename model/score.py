@@ -242,7 +242,6 @@ class _Plan:
             self.groups.append((i, len(self.ids), chunks))
             self.ids.append(prompt_ids[i][self.prefix_len:])
             self.ids += [_right_padded([completion_ids[r] for r in rows]) for rows in chunks]
-
         self.shapes = [(1, len(x)) if isinstance(x, list) else tuple(x.shape) for x in self.ids]
 
     def embed(self, model, device) -> torch.Tensor:
@@ -270,8 +269,8 @@ def shared_prompt_backward(model, prompt_ids: list[list[int]], completion_ids: l
     backward at once, so the chunk's activations are freed as they would be after a recomputation, and every
     completion runs through the body once instead of twice. The prompts (the shared prefix, each group's rest) run
     first without gradients, giving the chunks their KV caches as leaves that collect the chunks' gradients; after
-    a group's chunks its prompt runs once more with gradients and takes them back (and the prefix's last, after
-    all groups), so the prompts still run twice, as in the segmented forward. Same gradients as that forward
+    a group's chunks its prompt runs once more with gradients and takes them back (the prefix likewise, after all
+    groups), so the prompts still run twice, as in the segmented forward. Same gradients as that forward
     followed by the backward of the sum of the losses; the backward runs once per chunk, so this is for a model
     that no DDP/FSDP wrapper reduces gradients for. Returns (logp [N], entropy [N], lengths), detached, tokens in
     the order of the inputs."""

@@ -574,8 +574,8 @@ def test_grouped_decoding_reads_each_prompt_once_and_samples_the_same(tiny_model
     prompts = [prefix + p for p in encode(tiny_tokenizer)]
     out, calls = both(prompts, row_seeds=list(range(77, 77 + 3 * G)), **kw)
     assert len({len(c) for c in out.completion_ids}) > 3, "the test needs rows that end at different steps"
-    kv, rep, d = model.config.num_key_value_heads, model.config.num_attention_heads // model.config.num_key_value_heads, \
-        model.config.head_dim
+    kv, d = model.config.num_key_value_heads, model.config.head_dim
+    rep = model.config.num_attention_heads // kv
     # the first layer's first step: a block per prompt (its G rows x the query heads of a key/value head) against its
     # one copy, then every row's own token
     assert calls[:4] == [(1, kv, G * rep, d)] * 3 + [(3 * G, kv, rep, d)]
