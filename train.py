@@ -15,6 +15,7 @@ import json
 import math
 import time
 import typing
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -325,7 +326,9 @@ def main(argv=None):
         t2 = time.time()
         policy.train()
         stats = update_policy(train_scorer, policy, optimizer, batch, scored, advantages, step, cfg, d, log)
-        scheduler.step()
+        with warnings.catch_warnings():  # a skipped first update (logged above): the schedule follows the steps
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+            scheduler.step()
         skipped_updates += stats["skipped"]
         t_update = time.time() - t2
 
