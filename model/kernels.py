@@ -65,16 +65,12 @@ def pick_backend(backend: str, device: torch.device) -> str:
 
 def logprob_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
                     with_entropy: bool = True, backend: str = "auto", chunk_rows: int | None = None,
-                    chunk_cols: int | None = None, grad_weight_into: torch.Tensor | None = None):
+                    chunk_cols: int | None = None):
     """Log-prob of `targets` and entropy of softmax(hidden @ weight.T / temperature), row by row.
 
     hidden [N, H], weight [V, H], targets [N] int64 -> (logp [N] fp32, entropy [N] fp32 detached, or None).
     chunk_rows, chunk_cols: token rows per block and vocab columns per tile of the torch backend (default:
     4096 rows on CPU / 16384 on GPU, columns from a memory budget for one fp32 tile).
-    grad_weight_into: an fp32 [V, H] tensor (torch backend, fp32 weight) that the backward adds the weight's
-    gradient to, in place, instead of returning it (the weight gets none from this call). For many backward calls
-    in a row: each would otherwise allocate a fresh [V, H] gradient (113 MB for SmolLM2; on CPU its pages are
-    faulted in anew every time, ~0.15 s on a 2-core machine) and autograd would add it to the weight's.
     """
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"expected hidden [N, H] and weight [V, H], got {tuple(hidden.shape)} and "
@@ -92,16 +88,11 @@ def logprob_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
         raise ValueError(f"target ids must lie in [0, {V}), got range [{int(targets.min())}, {int(targets.max())}]")
     if hidden.dtype != weight.dtype:  # e.g. fp32 norm output under autocast with a bf16 head
         hidden = hidden.to(weight.dtype)
-    backend = pick_backend(backend, hidden.device)
-    if grad_weight_into is not None and (backend != "torch" or weight.dtype != torch.float32
-                                         or grad_weight_into.dtype != torch.float32
-                                         or grad_weight_into.shape != weight.shape):
-        raise ValueError("grad_weight_into needs the torch backend, an fp32 weight and an fp32 tensor of its shape")
-    if backend == "triton":
+    if pick_backend(backend, hidden.device) == "triton":
         logp, entropy = _TritonLogprobEntropy.apply(hidden, weight, targets, float(temperature), with_entropy)
     else:
         logp, entropy = _ChunkedLogprobEntropy.apply(hidden, weight, targets, float(temperature), with_entropy,
-                                                     chunk_rows, chunk_cols, grad_weight_into)
+                                                     chunk_rows, chunk_cols)
     return logp, (entropy if with_entropy else None)
 
 
@@ -140,7 +131,7 @@ def tile(buffer: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
 
 class _ChunkedLogprobEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, temperature, with_entropy, chunk_rows, chunk_cols, grad_weight_into):
+    def forward(ctx, hidden, weight, targets, temperature, with_entropy, chunk_rows, chunk_cols):
         N, V = hidden.shape[0], weight.shape[0]
         rows, cols = torch_tiles(N, V, hidden.device, chunk_rows, chunk_cols)
         inv_t = 1.0 / temperature
@@ -185,15 +176,13 @@ class _ChunkedLogprobEntropy(torch.autograd.Function):
                 entropy[r0:r1] = log_sum[r0:r1] - t / s
         ctx.save_for_backward(hidden, weight, targets, row_max, log_sum)
         ctx.temperature, ctx.rows, ctx.cols = temperature, rows, cols
-        ctx.grad_weight_into = grad_weight_into
         ctx.mark_non_differentiable(entropy)
         return logp, entropy
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):
         hidden, weight, targets, row_max, log_sum = ctx.saved_tensors
-        into = ctx.grad_weight_into
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1] or into is not None
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         N, V = hidden.shape[0], weight.shape[0]
         rows, cols, inv_t = ctx.rows, ctx.cols, 1.0 / ctx.temperature
         # d logp_i / d logits_i = (onehot_i - p_i) / T, p_i = exp(z_i - max_i) / s_i. The per-row factors gs_i =
@@ -201,8 +190,7 @@ class _ChunkedLogprobEntropy(torch.autograd.Function):
         # gather / scatter, so the [R, C] tile only needs exp(z - max).
         grad_scale = grad_logp.float() * inv_t  # [N]
         grad_h = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device) if need_h else None
-        grad_w = (into if into is not None else torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-                  ) if need_w else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         e_buf = torch.empty(rows * cols, dtype=torch.float32, device=hidden.device)
         for r0 in range(0, N, rows):
             r1 = min(r0 + rows, N)
@@ -225,8 +213,8 @@ class _ChunkedLogprobEntropy(torch.autograd.Function):
                 grad_h[r0:r1] = gs * (weight[targets[r0:r1]].float() - e_w * inv_s)
             if need_w:
                 grad_w.index_add_(0, targets[r0:r1], h32 * gs)
-        return (grad_h.to(hidden.dtype) if need_h else None,
-                grad_w.to(weight.dtype) if need_w and into is None else None, None, None, None, None, None, None)
+        return (grad_h.to(hidden.dtype) if need_h else None, grad_w.to(weight.dtype) if need_w else None,
+                None, None, None, None, None)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ import torch
 from model import varlen
 from model.compat import (activation_checkpointing_on, cache_from_tensors, cache_kwargs, cache_tensors,
                           recomputes_with_forward_attention, returned_cache)
-from model.kernels import logprob_entropy, pick_backend
+from model.kernels import logprob_entropy
 from model.load import autocast_to
 
 # What one more body call in a chunk of completions costs, counted in tokens: a call on few tokens runs its matmuls
@@ -129,36 +129,21 @@ def completion_hidden(model, prompt_ids: list[list[int]], completion_ids: list[l
 
 
 def head_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor, temperature: float, with_entropy: bool,
-                  vocab_size: int | None, head_grad_into: torch.Tensor | None = None):
+                  vocab_size: int | None):
     """(logp [N], entropy [N] or None) of `targets` from the body's hidden states [N, H], through the lm_head
     rows of the real vocabulary. The kernel keeps its own precision (fp32 inside each tile): under autocast it
     gets the head in the autocast dtype (a bf16 copy of fp32 master weights, as autocast would make for a
-    matmul) and runs with autocast off. head_grad_into (see `head_grad_buffer`): the backward adds the head
-    weight's gradient to it instead of to the weight."""
+    matmul) and runs with autocast off."""
     head = model.get_output_embeddings()
     if getattr(head, "bias", None) is not None:
         raise NotImplementedError("lm_head with a bias is not supported by the fused log-prob kernel")
-    weight = head.weight if head_grad_into is None else head.weight.detach()
-    if vocab_size is not None:
-        weight = weight[:vocab_size]
-        head_grad_into = None if head_grad_into is None else head_grad_into[:vocab_size]
+    weight = head.weight if vocab_size is None else head.weight[:vocab_size]
     device_type = hidden.device.type
     if torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
         weight, hidden = weight.to(dtype), hidden.to(dtype)
     with torch.autocast(device_type, enabled=False):
-        return logprob_entropy(hidden, weight, targets, temperature=temperature, with_entropy=with_entropy,
-                               grad_weight_into=head_grad_into)
-
-
-def head_grad_buffer(model, device: torch.device) -> torch.Tensor | None:
-    """A zero fp32 buffer of the lm_head weight's shape that many backward calls can add the head's gradient to
-    (the fused kernel's torch backend, an fp32 head, no autocast), or None where the kernel must return it."""
-    weight = model.get_output_embeddings().weight
-    if (not weight.requires_grad or weight.dtype != torch.float32 or torch.is_autocast_enabled(device.type)
-            or pick_backend("auto", device) != "torch"):
-        return None
-    return torch.zeros_like(weight)
+        return logprob_entropy(hidden, weight, targets, temperature=temperature, with_entropy=with_entropy)
 
 
 def completion_logprobs(model, prompt_ids: list[list[int]], completion_ids: list[list[int]], temperature: float = 1.0,
@@ -300,7 +285,6 @@ def shared_prompt_backward(model, prompt_ids: list[list[int]], completion_ids: l
     if plan.groups:
         embedded = plan.embed(model, device)  # [tokens, H]
         embedded_leaf = embedded.detach().requires_grad_()  # one embedding backward at the end, not one per chunk
-        head_grad = head_grad_buffer(model, device)  # likewise the head's gradient: summed here, passed on at the end
         embeds = plan.split(embedded_leaf)
         prefix_kv = ()
         if plan.prefix_len:
@@ -317,7 +301,7 @@ def shared_prompt_backward(model, prompt_ids: list[list[int]], completion_ids: l
                                                   *prompt_kv)  # [k, Tc, H]
                 hidden = torch.cat(list(_chunk_hidden(rows, lengths, last_prompt, comp_hidden).values()))
                 targets = torch.tensor([t for r in rows for t in completion_ids[r]], dtype=torch.long, device=device)
-                logp, entropy = head_logprobs(model, hidden, targets, temperature, True, vocab_size, head_grad)
+                logp, entropy = head_logprobs(model, hidden, targets, temperature, True, vocab_size)
                 chunk_loss(rows, logp, entropy).backward()
                 for r, lp, e in zip(rows, logp.detach().split(lengths), entropy.split(lengths)):
                     logp_of[r], entropy_of[r] = lp, e
@@ -326,10 +310,7 @@ def shared_prompt_backward(model, prompt_ids: list[list[int]], completion_ids: l
             _backward_into([outputs[0], *outputs[1]], [last_prompt, *prompt_kv])
         if plan.prefix_len:
             _backward_into(list(_prompt_segment(body, embeds[0])[1]), list(prefix_kv))
-        if head_grad is None:
-            embedded.backward(embedded_leaf.grad)
-        else:  # the weight is a leaf: its gradient goes straight to it (with the embedding's, if tied)
-            torch.autograd.backward([embedded, model.get_output_embeddings().weight], [embedded_leaf.grad, head_grad])
+        embedded.backward(embedded_leaf.grad)
     order = [r for r in range(len(completion_ids)) if r in logp_of]
     empty = torch.zeros(0, device=device)
     logp = torch.cat([logp_of[r] for r in order]) if order else empty

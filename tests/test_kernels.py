@@ -116,27 +116,6 @@ def test_without_entropy_and_without_weight_grad():
     assert weight.grad is None
 
 
-def test_grad_weight_into_adds_each_call_in_place_and_returns_none():
-    """Several backward calls add the weight's gradient to one buffer (what it held stays), the weight itself
-    gets none, and the sum matches float64; the hidden states' gradients are unchanged."""
-    hidden, weight, targets = make_inputs(N, H, V, torch.float32, "normal")
-    into = torch.randn(V, H)
-    before = into.clone()
-    grad_out = [torch.randn(N), torch.randn(N)]
-    expected = before.double()
-    for g in grad_out:
-        logp, _ = logprob_entropy(hidden, weight, targets, temperature=0.7, backend="torch", chunk_rows=16,
-                                  chunk_cols=100, grad_weight_into=into)
-        logp.backward(g)
-        expected += reference(hidden, weight, targets, 0.7, g)[3]
-    assert weight.grad is None
-    torch.testing.assert_close(into.double(), expected, rtol=0, atol=1e-5)
-    ref_gh = sum(reference(hidden, weight, targets, 0.7, g)[2] for g in grad_out)
-    torch.testing.assert_close(hidden.grad.double(), ref_gh, rtol=0, atol=1e-5)
-    with pytest.raises(ValueError, match="grad_weight_into"):
-        logprob_entropy(hidden, weight, targets, backend="torch", grad_weight_into=into[:-1])
-
-
 def test_tied_embedding_gradients_add_up():
     # the lm_head is the embedding matrix: gradient = embedding part + head part
     vocab, dim, n = 97, 24, 29

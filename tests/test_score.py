@@ -260,10 +260,9 @@ def test_backward_by_chunks_gives_the_segmented_gradients_without_recomputing_co
     entropies, loss and gradients as the segmented forward followed by one backward of the summed loss (here a
     nonlinear per-token loss that also reads the entropies), with every completion chunk through the body once;
     only the prompts (and the prefix) run twice."""
-    from model.score import PolicyScorer, head_grad_buffer, shared_prompt_backward, shared_prompt_logprobs
+    from model.score import PolicyScorer, shared_prompt_backward, shared_prompt_logprobs
     from model.tiny import tiny_model
     model = tiny_model(tiny_tokenizer, seed=int(torch.randint(0, 2**31, ()))).train()
-    assert head_grad_buffer(model, torch.device("cpu")) is not None  # the head's gradient summed in one buffer
     prompts_once, completions = random_batch(model.config.vocab_size, [6, 3, 8], [5, 3, 4, 1, 0, 6, 2, 7])
     common = torch.randint(3, model.config.vocab_size, (prefix,)).tolist()
     prompts_once = [common + p for p in prompts_once]
