@@ -90,3 +90,43 @@ def test_embedded_default_loads_offline_and_generates(tmp_path):
     load_seconds, text = res.stdout.strip().split("\n", 1)
     assert float(load_seconds) < 30
     assert "Paris" in text, text
+
+
+
+FAULTS_CODE = """
+import ctypes, resource, sys
+from model.load import reuse_freed_memory
+print(reuse_freed_memory() if sys.argv[1] == "reuse" else False)
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(8):  # 48 MB blocks: over glibc's largest default mmap threshold (32 MB)
+    block = libc.malloc(48 << 20)
+    ctypes.memset(block, 1, 48 << 20)
+    libc.free(block)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def test_reuse_freed_memory_keeps_large_blocks_for_reuse():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k not in load_mod.MALLOC_ENV}
+
+    def run(mode: str, extra_env=None) -> tuple[bool, int]:
+        out = subprocess.run([sys.executable, "-c", FAULTS_CODE, mode], capture_output=True, text=True, cwd=root,
+                             env={**env, "PYTHONPATH": root, **(extra_env or {})}, timeout=120, check=True)
+        was_set, faults = out.stdout.split()
+        return was_set == "True", int(faults)
+
+    import platform
+    glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    set_, faults_reused = run("reuse")
+    assert set_ == glibc
+    if glibc:
+        _, faults_fresh = run("plain")
+        block_pages = (48 << 20) // os.sysconf("SC_PAGE_SIZE")
+        # by default every block is mapped afresh and faults its pages in again (fewer faults with huge pages)
+        assert faults_fresh > 4 * max(faults_reused, 1), (faults_fresh, faults_reused)
+        assert faults_reused <= block_pages  # reused: the first block's pages serve the other seven
+    # a user's own malloc tuning in the environment is left alone
+    assert run("reuse", {"MALLOC_TRIM_THRESHOLD_": "1000000"})[0] is False
