@@ -1,3 +1,4 @@
+import contextlib
 import functools
 import math
 import importlib.util
@@ -614,3 +615,40 @@ def test_grouped_decoding_under_bf16_autocast_stays_as_close_to_fp32(tiny_model,
                                    if c]).mean().item()
     assert calls and set(calls) == {torch.bfloat16}
     assert 0 < gaps[True] < 2 * gaps[False], gaps
+
+
+def test_packed_linear_runs_in_fp32_and_leaves_nothing_behind(tiny_model, tiny_tokenizer, monkeypatch):
+    """Inside packed_linear, on CPU in fp32, a linear layer (odd shapes, with and without a bias) multiplies by its
+    packed weight: outputs equal float64 to fp32 rounding; after the block (also when it raised) the layer is as
+    before; under autocast or in float64 nothing is packed. Sampling with the lm_head packed gives the same
+    completions and, to fp32 rounding, the same log-probs."""
+    import model.sample as sample_module
+    from model.sample import packed_linear
+    packs = torch.backends.mkldnn.is_available()  # x86 and Arm builds have oneDNN; without it nothing is packed
+    for layer in (torch.nn.Linear(37, 131), torch.nn.Linear(131, 29, bias=False), tiny_model.lm_head):
+        with torch.no_grad(), packed_linear(layer):
+            assert ("forward" in layer.__dict__) is packs
+            x = torch.randn(3, 5, layer.in_features)
+            want = torch.nn.functional.linear(x.double(), layer.weight.double(),
+                                              layer.bias.double() if layer.bias is not None else None)
+            torch.testing.assert_close(layer(x).double(), want, rtol=1e-5, atol=1e-5)
+        assert "forward" not in layer.__dict__
+    layer = torch.nn.Linear(37, 131)
+    with pytest.raises(RuntimeError, match="inside"), packed_linear(layer):
+        raise RuntimeError("inside")
+    assert "forward" not in layer.__dict__
+    with torch.autocast("cpu", dtype=torch.bfloat16), packed_linear(layer):
+        assert "forward" not in layer.__dict__
+    with packed_linear(layer.double()):
+        assert "forward" not in layer.__dict__
+
+    model = eos_likely(tiny_model, tiny_tokenizer.eos_token_id)
+    kw = dict(group_size=4, max_new_tokens=24, temperature=1.0, return_logprobs=True, row_seeds=list(range(12)))
+    wrapped = []  # the layers the sampler packs
+    monkeypatch.setattr(sample_module, "packed_linear", lambda m: wrapped.append(m) or packed_linear(m))
+    packed = sample(model, tiny_tokenizer, encode(tiny_tokenizer), **kw)
+    assert wrapped == [model.lm_head]
+    monkeypatch.setattr(sample_module, "packed_linear", lambda m: contextlib.nullcontext())
+    plain = sample(model, tiny_tokenizer, encode(tiny_tokenizer), **kw)
+    assert packed.completion_ids == plain.completion_ids
+    torch.testing.assert_close(torch.cat(packed.sampler_logp), torch.cat(plain.sampler_logp), rtol=0, atol=1e-4)
