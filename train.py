@@ -32,7 +32,7 @@ from model.checkpoint import (checkpoint_problem, checkpoints_newest_first, drop
                               save_training_checkpoint, save_warmed_up_policy)
 from model.compat import enable_activation_checkpointing
 from model.load import (ModelLoadError, autocast_to, load_model, load_tokenizer, pick_device, pick_dtype,
-                        pick_rollout_dtype, reuse_freed_memory)
+                        pick_rollout_dtype)
 from model.sample import real_vocab_size
 from model.score import PolicyScorer, describe_paths
 from rl.config_cli import config_to_json, parse_config
@@ -195,8 +195,6 @@ RECIPES = {
 def main(argv=None):
     cfg = parse_config(Config, argv, recipes=RECIPES)
     device = pick_device(cfg.device)
-    if device.type == "cpu":
-        reuse_freed_memory()  # large CPU tensors reuse memory instead of faulting fresh pages in every step
     d = init_distributed(device, cfg.fsdp)
     log = tqdm.write if d.master else (lambda msg: None)
     run_dir = Path(cfg.out_dir)

@@ -11,10 +11,8 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import importlib.util
 import os
-import platform
 import shutil
 import time
 from pathlib import Path
@@ -114,28 +112,6 @@ def pick_device(device: str = "auto") -> torch.device:
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         return torch.device("cpu")
     return torch.device(device)
-
-
-# glibc's mallopt parameters (malloc.h)
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
-
-
-def reuse_freed_memory(limit_bytes: int = 1 << 30) -> bool:
-    """On Linux with glibc: serve allocations of up to limit_bytes from the heap, and keep up to that much freed
-    memory there for the next ones. By default glibc maps every block over 32 MB afresh and unmaps it when freed,
-    so each large CPU tensor of a step (the [V, H] gradient of the tied lm_head, the update's activations) pays
-    for faulting in and zeroing its pages again. Two GRPO steps at the step benchmark's settings took 2.18 M page
-    faults before and 0.90 M after (torch's aligned allocations reuse freed blocks less well than plain malloc).
-    Process-wide, so only entry points call it; left alone when the user tunes malloc through the environment.
-    -> whether it was set."""
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc" or any(k in os.environ for k in MALLOC_ENV):
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, limit_bytes)) and bool(libc.mallopt(M_TRIM_THRESHOLD, limit_bytes))
-    except (OSError, AttributeError):
-        return False
 
 
 def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
