@@ -801,7 +801,9 @@ def sample(model, tokenizer, prompt_ids: list[list[int]], group_size: int = 8, m
     was_training = model.training
     model.eval()
     try:
-        with _clean_model_generation_config(model, how.gen_config), packed_linear(model.get_output_embeddings()):
+        # the packed head is an opaque oneDNN tensor, which torch.compile (the static path's decode step) cannot trace
+        head = packed_linear(model.get_output_embeddings()) if dynamic else contextlib.nullcontext()
+        with _clean_model_generation_config(model, how.gen_config), head:
             prefix_kv = _prefix_kv(model, prompt_ids[0][:prefix_len], model.device) if prefix_len else ()
             live = None
             while waiting or live is not None:

@@ -621,7 +621,7 @@ def test_packed_linear_runs_in_fp32_and_leaves_nothing_behind(tiny_model, tiny_t
     """Inside packed_linear, on CPU in fp32, a linear layer (odd shapes, with and without a bias) multiplies by its
     packed weight: outputs equal float64 to fp32 rounding; after the block (also when it raised) the layer is as
     before; under autocast or in float64 nothing is packed. Sampling with the lm_head packed gives the same
-    completions and, to fp32 rounding, the same log-probs."""
+    completions and, to fp32 rounding, the same log-probs; the static-cache path packs nothing."""
     import model.sample as sample_module
     from model.sample import packed_linear
     packs = torch.backends.mkldnn.is_available()  # x86 and Arm builds have oneDNN; without it nothing is packed
@@ -648,6 +648,8 @@ def test_packed_linear_runs_in_fp32_and_leaves_nothing_behind(tiny_model, tiny_t
     monkeypatch.setattr(sample_module, "packed_linear", lambda m: wrapped.append(m) or packed_linear(m))
     packed = sample(model, tiny_tokenizer, encode(tiny_tokenizer), **kw)
     assert wrapped == [model.lm_head]
+    sample(model, tiny_tokenizer, encode(tiny_tokenizer), static_cache=True, compile_decode=False, **kw)
+    assert wrapped == [model.lm_head]  # the static path, whose decode step torch.compile traces, packs nothing
     monkeypatch.setattr(sample_module, "packed_linear", lambda m: contextlib.nullcontext())
     plain = sample(model, tiny_tokenizer, encode(tiny_tokenizer), **kw)
     assert packed.completion_ids == plain.completion_ids
