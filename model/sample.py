@@ -658,7 +658,8 @@ def packed_linear(layer):
     sampler packs the lm_head: each decoding step multiplies a few rows by it, the largest matrix of a small model,
     where MKL's fp32 GEMM is slow (16 rows x SmolLM2's [49152, 576] head on one core of a 2-core AMD EPYC: 27
     GFLOP/s, oneDNN 47). The same fp32 products, summed in another order. Packing the layers' products as well
-    gained the sampler nothing more. Elsewhere (GPU, bf16, autocast, sharded weights, a torch without oneDNN) it does nothing."""
+    gained the sampler nothing more. Elsewhere (GPU, bf16, autocast, sharded weights, a torch without oneDNN) it
+    does nothing."""
     weight = getattr(layer, "weight", None)
     if not (isinstance(layer, torch.nn.Linear) and type(weight.detach()) is torch.Tensor
             and weight.device.type == "cpu" and weight.dtype == torch.float32
