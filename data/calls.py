@@ -13,8 +13,11 @@ the text before the first ": "). The codes are listed in REASON_CODES.
 from __future__ import annotations
 
 import ast
+import io
 import json
+import keyword
 import re
+import tokenize
 from dataclasses import dataclass
 
 # ----------------------------------------------------------------------------------------------------
@@ -674,6 +677,62 @@ def decode_bfcl_result(result) -> list[dict] | None:
     except Exception:
         return None
 
+
+
+# Tokens after which an expression must begin (or the bracket close), and operators no expression begins with.
+# (`/` is left out: `lambda a, /: a` is an expression.)
+_EXPRESSION_FOLLOWS = {"[", "(", "{", ","}
+_STARTS_NO_EXPRESSION = {"<", ">", "<=", ">=", "<<", ">>", "==", "!=", "=", "%", "|", "&", "^", ","}
+_ENDS_OPERAND = {")", "]", "}"}
+_KEYWORDS = set(keyword.kwlist) | set(keyword.softkwlist) | {"type"}
+_SKIPPED_TOKENS = {tokenize.NL, tokenize.NEWLINE, tokenize.COMMENT, tokenize.INDENT, tokenize.DEDENT}
+_EXTENDS_TOKEN = re.compile(r"[A-Za-z0-9_'\"]|[^\x00-\x7f]")  # a character that could belong to the token before it
+
+
+def undecodable_prefix(text: str) -> bool:
+    """True when `text + anything` never decodes with parse_python_calls (BFCL's trimming, then a Python
+    expression): the call list is already broken, whatever text follows. False when it might still decode (False is
+    always safe to answer). Read with Python's tokenizer; two adjacent tokens settle it:
+      * an operand (a name that is not a keyword, a number, a string, a closing bracket), whitespace, then a name
+        that is not a keyword or a number: `The change`, `[f(x)] then`. No expression has two operands side by side.
+      * an opening bracket or a comma, then a comparison, `=`, `%`, `|`, `&`, `^` or a comma: `[<think>`. No expression
+        begins with one.
+    Only tokens that no continuation can change count: reading stops at the first token error, and the second
+    name or number must be followed by a character that cannot extend it."""
+    source = text.lstrip("`\n ")
+    source = source if source.startswith("[") else "[" + source
+    line_starts = [0]
+    for line in source.split("\n")[:-1]:
+        line_starts.append(line_starts[-1] + len(line) + 1)
+    offset = lambda position: line_starts[position[0] - 1] + position[1]  # noqa: E731  (row, column) -> index
+    before = None
+    try:
+        for token in tokenize.generate_tokens(io.StringIO(source).readline):
+            if token.type == tokenize.ERRORTOKEN or token.type == tokenize.ENDMARKER:
+                return False
+            if token.type in _SKIPPED_TOKENS:
+                continue
+            if before is not None:
+                if before.string in _EXPRESSION_FOLLOWS and token.string in _STARTS_NO_EXPRESSION:
+                    return True
+                end = offset(token.end)
+                if (_is_operand(before, _ENDS_OPERAND) and _is_operand(token, ())
+                        and source[offset(before.end):offset(token.start)].isspace()
+                        and end < len(source) and not _EXTENDS_TOKEN.match(source[end])):
+                    return True
+            before = token
+    except (tokenize.TokenError, SyntaxError):
+        return False
+    return False
+
+
+def _is_operand(token, closing: set) -> bool:
+    """A name that is no keyword, a number, or (with closing) a string or one of the closing brackets."""
+    if token.type == tokenize.NAME:
+        return token.string.isascii() and token.string not in _KEYWORDS
+    if token.type == tokenize.NUMBER:
+        return token.string.isascii()
+    return bool(closing) and (token.type == tokenize.STRING or token.string in closing)
 
 # ----------------------------------------------------------------------------------------------------
 # Checker (BFCL AST semantics)

@@ -36,7 +36,8 @@ import time
 import torch
 from tqdm import tqdm
 
-from data.calls import PromptFormat, check_calls, decode_bfcl_result, flatten_question, reason_code, render_prompt
+from data.calls import (PromptFormat, category_kind, check_calls, decode_bfcl_result, flatten_question, reason_code,
+                        render_prompt, undecodable_prefix)
 from data.validate import json_loads
 from eval import multiturn
 from eval.multiturn import MULTI_TURN_CATEGORIES
@@ -242,10 +243,29 @@ def answer_end(text: str) -> int | None:
     return stop + len("</answer>") if stop >= 0 else None
 
 
+def verdict_settled(text: str) -> bool:
+    """Whether BFCL's verdict on every result that begins with `text` is already that on `text` (score_text):
+    its first <answer> block is closed (decoding reads only that block), or one is open and neither its content nor
+    the whole text (what decoding reads while no block is closed) can decode any more, whatever follows
+    (data.calls.undecodable_prefix). The second case stops a model that answers in prose, `<answer>The change in
+    entropy is ...`, which would otherwise write on to the token limit."""
+    if answer_end(text) is not None:
+        return True
+    start = text.find("<answer>")
+    if start < 0 or not undecodable_prefix(text):
+        return False
+    content = text[start + len("<answer>"):]
+    tail = content.rfind("<", max(0, len(content) - len("</answer>") + 1))
+    if tail >= 0 and "</answer>".startswith(content[tail:]):  # the closing tag may be beginning here
+        content = content[:tail]
+    return undecodable_prefix(content)
+
+
 @torch.no_grad()
 def generate_texts(model, tokenizer, prompts: list[str], max_new_tokens: int = 256, batch_size: int = 16,
                    greedy: bool = True, temperature: float = 0.7, seed: int = 0, stop_at_answer: bool = False,
-                   prefill: str = "", bar=None, caches: list | None = None) -> list[str]:
+                   prefill: str = "", bar=None, caches: list | None = None,
+                   stop_when_settled: bool = False) -> list[str]:
     """Completions for rendered prompts, in prompt order, with the project's sampler.
 
     Up to `batch_size` rows decode at once; when rows finish, the next prompts (in order of token length) take
@@ -255,6 +275,9 @@ def generate_texts(model, tokenizer, prompts: list[str], max_new_tokens: int = 2
     the sampler; the text is cut there). Small models often ramble on after </answer>: stopping the row is what
     keeps a CPU evaluation within minutes. BFCL scoring reads only the first <answer> block, so its verdicts are
     unchanged (greedy); the strict format check then sees no trailing text.
+    stop_when_settled: a row also stops once its BFCL verdict can no longer change (`verdict_settled`: a prose answer
+    such as `<answer>The change in entropy is`); its text is kept as far as it got. Single-turn BFCL only: in a
+    multi-turn episode the text goes on into the next turn's prompt.
     caches: a list with one entry per prompt (None, or the model.sample.RowCache of an earlier call whose sequence
     the prompt continues), replaced in place by each sequence's cache at the end of this call (multi-turn
     episodes: a step encodes only what the conversation gained since the last)."""
@@ -262,8 +285,12 @@ def generate_texts(model, tokenizer, prompts: list[str], max_new_tokens: int = 2
 
     eos = set(eos_token_ids(model, tokenizer))
     prompt_ids = [tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
-    stop = (lambda ids: answer_end(prefill + tokenizer.decode(ids, skip_special_tokens=False)) is not None) \
-        if stop_at_answer else None
+
+    def done(ids: list[int]) -> bool:
+        text = prefill + tokenizer.decode(ids, skip_special_tokens=False)
+        return verdict_settled(text) if stop_when_settled else answer_end(text) is not None
+
+    stop = done if stop_at_answer or stop_when_settled else None
     batch_size = max(1, batch_size)
     order = sorted(range(len(prompts)), key=lambda i: len(prompt_ids[i]))
     row_seeds = [0] * len(prompts)
@@ -278,7 +305,7 @@ def generate_texts(model, tokenizer, prompts: list[str], max_new_tokens: int = 2
     texts = []
     for ids in new_ids:
         text = tokenizer.decode(ids[:-1] if ids and ids[-1] in eos else ids, skip_special_tokens=False)
-        end = answer_end(prefill + text) if stop_at_answer else None
+        end = answer_end(prefill + text) if stop_at_answer or stop_when_settled else None
         texts.append((prefill + text)[len(prefill):end] if end is not None and end > len(prefill) else text)
     return texts
 
@@ -378,7 +405,8 @@ def evaluate_bfcl_verdicts(model, tokenizer, categories: list[str], limit: int, 
     prefill = prompt_format.prefill
     prompts = [item_prompt(tokenizer, it, prompt_format) for it in items]
     texts = generate_texts(model, tokenizer, prompts, max_new_tokens, batch_size,
-                           stop_at_answer=prompt_format.answer_format == "think", prefill=prefill) if items else []
+                           stop_at_answer=prompt_format.answer_format == "think",
+                           stop_when_settled=prompt_format.answer_format == "think", prefill=prefill) if items else []
     counts = torch.zeros(len(categories), 2, dtype=torch.float64)  # [C, (correct, total)]
     verdicts = []
     for item, text in zip(items, texts):
@@ -421,8 +449,10 @@ How the summary columns are computed (the rules of the BFCL leaderboard's aggreg
 - Items are scored with BFCL's decoding: the <answer> content when present, else the whole text, parsed as a
   Python call list; irrelevance is right when no call decodes, relevance when at least one does. "strict" is the
   training reward on the same text: the answer format must also be right (e.g. <think>..</think><answer>..).
-  With the think format, generation stops after the first </answer> unless --no-stop-at-answer (BFCL's
-  verdict is the same either way; strict then does not see what the model would have added after it).
+  With the think format, a row stops once its verdict is settled unless --no-stop-at-answer: after the first
+  </answer>, or (outside the irrelevance categories) once an open <answer> block can no longer decode whatever
+  follows (prose such as "<answer>The change in entropy is"). BFCL's verdicts are the same either way; strict then
+  does not see what the model would have written after that point.
 """
 
 
@@ -598,7 +628,9 @@ def cmd_run(args) -> dict:
     model_dir = _model_dir(args.model)
     prompt_format = resolve_settings(args, model_dir)
     settings = dict(dataclasses.asdict(prompt_format))
-    settings.update(stop_at_answer=settings["answer_format"] == "think" and not args.no_stop_at_answer,
+    stop = settings["answer_format"] == "think" and not args.no_stop_at_answer
+    # not in the irrelevance categories: a prose answer is right there, and strict wants to see its block closed
+    settings.update(stop_at_answer=stop, stop_when_settled=stop,
                     max_new_tokens=args.max_new_tokens, limit=args.limit, batch_size=args.batch_size,
                     decoding=f"sampled (temperature {args.temperature}, seed {args.seed})" if args.sample else "greedy")
     out_dir = args.out or _default_out_dir(args.model)
@@ -631,7 +663,9 @@ def cmd_run(args) -> dict:
         prompts = [item_prompt(tokenizer, it, prompt_format) for it in items]
         texts = generate_texts(model, tokenizer, prompts, args.max_new_tokens, args.batch_size,
                                greedy=not args.sample, temperature=args.temperature, seed=args.seed,
-                               stop_at_answer=settings["stop_at_answer"], prefill=settings["prefill"], bar=bar)
+                               stop_at_answer=settings["stop_at_answer"], prefill=settings["prefill"], bar=bar,
+                               stop_when_settled=(settings["stop_when_settled"]
+                                                  and category_kind(category) != "irrelevance"))
         seconds = time.time() - t0
         generate_s += seconds
         per_category_timing[category] = {"seconds": seconds, "items_per_s": len(items) / max(seconds, 1e-9)}
@@ -735,8 +769,9 @@ def main(argv=None):
     p.add_argument("--prefill", default=None, help="text opening the assistant turn (default: run_config.json, "
                    "else '<think>' with --answer-format think and '' with plain)")
     p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--no-stop-at-answer", action="store_true", help="think format: keep generating after the first "
-                   "</answer> until EOS (slower; only the strict format column can change)")
+    p.add_argument("--no-stop-at-answer", action="store_true", help="think format: keep generating until EOS after "
+                   "the first </answer> and after an <answer> that can no longer decode (slower; BFCL's verdicts "
+                   "are the same, strict can differ)")
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, default=0.7, help="with --sample")
     p.add_argument("--seed", type=int, default=0, help="with --sample")

@@ -6,6 +6,8 @@ import os
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import eval.bfcl as bfcl
 import model.sample
@@ -185,6 +187,7 @@ def test_run_scores_right_and_wrong_answers(tiny_dir, data_dir, tmp_path, monkey
     for category, r in report["categories"].items():
         assert (r["accuracy"], r["strict_accuracy"], r["total"]) == (1.0, 1.0, PICK[category]), category
     assert report["summary"]["non_live_ast"]["value"] == 1.0 and report["summary"]["relevance"]["value"] == 1.0
+    assert report["settings"]["stop_when_settled"] is True  # (irrelevance's prose answers still run to </answer>)
     # empty and garbage completions: scored as wrong, no crash; irrelevance right (no call), relevance wrong
     garbage = iter(["", "((([[[<answer>", "\x00\ufffd" * 50, "[f(x=)]", "</think><answer>[[[</answer>"] * 10)
     monkeypatch.setattr(model.sample, "sample", _fake_sample(lambda p: next(garbage)))
@@ -328,6 +331,52 @@ def test_generate_texts_stop_at_answer(tiny_model, tiny_tokenizer, monkeypatch):
     assert texts[0] == "x</think><answer>[f(a=1)]</answer>"
     assert texts[2] == "</answer> is not an answer block <answer>[g()]</answer>"
     assert texts[1] == ("ramble " * 20)[:60]
+
+
+def test_generate_texts_stop_when_settled(tiny_model, tiny_tokenizer, data_dir, monkeypatch):
+    """A row stops once its verdict can no longer change: a closed <answer>, or an open one that can no longer
+    decode (prose); every verdict is the one of the text written to the end."""
+    questions = ("Weather?", "Entropy?", "Cells?", "Loop?", "Hi")
+    writes = {"Weather?": "x</think><answer>[f(a=1)]</answer> and then it goes on",
+              "Entropy?": "Your reasoning</think><answer>The change in entropy is 100 J/Kg" + " * 100 J/Kg" * 30,
+              "Cells?": "Thinking about cells and more cells" * 8,  # no <answer> yet: one may still come
+              "Loop?": "r</think><answer>[mix(a='yellow', b='blue'" + ", 'red'" * 40,  # a call that may still close
+              "Hi": "r</think><answer>\n\nThe possible answers are: " + "x, " * 60}
+    prompts = [render_prompt(tiny_tokenizer, q, [], PromptFormat(tools_as="python", prefill="<think>"))
+               for q in questions]
+    fake = _fake_sample(lambda p: next(v for k, v in writes.items() if k in p))
+    monkeypatch.setattr(model.sample, "sample", fake)
+    full = bfcl.generate_texts(tiny_model, tiny_tokenizer, prompts, max_new_tokens=400, batch_size=3,
+                               stop_at_answer=True, prefill="<think>")
+    settled = bfcl.generate_texts(tiny_model, tiny_tokenizer, prompts, max_new_tokens=400, batch_size=3,
+                                  stop_at_answer=True, stop_when_settled=True, prefill="<think>")
+    assert full == [writes["Weather?"][:len("x</think><answer>[f(a=1)]</answer>")]] + [
+        writes[q][:400] for q in questions[1:]]
+    assert settled[0] == full[0] and settled[2] == full[2] and settled[3] == full[3]
+    for i in (1, 4):  # prose answers stop within a check (16 tokens) of the second word of their answer
+        assert full[i].startswith(settled[i]) and len(settled[i]) < full[i].index("<answer>") + 8 + 40
+    items = _all_items(data_dir)
+    for a, b in zip(full, settled):
+        for item in items:
+            assert bfcl.score_text("<think>" + a, item) == bfcl.score_text("<think>" + b, item)
+
+
+_RESULT_PIECES = ["<think>", "</think>", "<answer>", "</answer>", "</ans", "<", "The", " change", " is", " ", "\n",
+                  "[f(a=1)]", "[f(a=", "1)", "]", "'", '"', "x", ", ", "(", ")", "You", "can", "`", "=", "10", "if"]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.sampled_from(_RESULT_PIECES), max_size=12).map("".join),
+       st.lists(st.sampled_from(_RESULT_PIECES + ["answer>", "wer>", "[f(a=1)]</answer>"]), max_size=6).map("".join))
+def test_settled_verdicts_never_change(text, rest):
+    item = {"ground_truth": [{"f": {"a": [1]}}], "category": "simple",
+            "function": [{"name": "f", "parameters": {"type": "dict", "properties": {"a": {"type": "integer"}},
+                                                      "required": ["a"]}}]}
+    if bfcl.verdict_settled(text):
+        assert bfcl.score_text(text + rest, item) == bfcl.score_text(text, item), (text, rest)
+    irrelevance = dict(item, category="irrelevance", ground_truth=[])
+    if bfcl.verdict_settled(text):
+        assert bfcl.score_text(text + rest, irrelevance) == bfcl.score_text(text, irrelevance), (text, rest)
 
 
 def test_prompt_format_comes_from_prompt_format_json_before_run_config(tmp_path, capsys):

@@ -2,6 +2,7 @@
 
 The checker tests are derived from BFCL's rules (its documentation, data and observed verdicts); the optional
 differential test at the end compares verdicts with the official checker on generated outputs."""
+import ast
 import copy
 import dataclasses
 import json
@@ -10,6 +11,7 @@ import random
 import sys
 import time
 import types
+import warnings
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings
@@ -18,7 +20,7 @@ from hypothesis import strategies as st
 from data.calls import (MAX_FOLDED_SIZE, MAX_KEY_SIZE, MAX_REASON_CHARS, MAX_TEXT_CHARS, REASON_CODES, CallSyntaxError,
                         PromptFormat, bfcl_trim, build_messages, category_kind, check_calls, decode_bfcl_result,
                         extract_answer, format_calls, ground_truth_from_answers, normalize_string, parse_completion,
-                        parse_python_calls, reason_code, render_prompt, system_prompt)
+                        parse_python_calls, reason_code, render_prompt, system_prompt, undecodable_prefix)
 
 WEATHER = {"name": "weather.get", "description": "Current weather for a city.",
            "parameters": {"type": "dict", "required": ["city"], "properties": {
@@ -237,6 +239,87 @@ _SAFE_ALPHABET = st.sampled_from(list("[](){}=,.'\"-+*/ _:xyf019\n\\`#<>") + ["f
 def test_call_like_text_never_raises(text):
     p = parse_completion(text, "plain")
     assert p.calls is not None or reason_code(p.error) == "format:parse_error"
+
+
+# ------------------------------------------------------------------------------------------------ undecodable prefixes
+
+# Continuations that try to rescue a broken prefix: close strings and brackets, turn names into keywords' operands,
+# start comments or line continuations.
+RESCUES = ["", "]", ")]", "))]", "}]", "'", '"', '"""', "'" * 3, '")]', "')]", "#", "\\\n", " if x else y]", " in y]",
+           " for x in y]", ", f(a=1)]", "(1)]", "=1)]", ".x]", "[0]]", " or f(x=1)]", "\n]", "`", "``` ", "5)]", "e5)]",
+           "+1)]", "j]", "f]", "if x else y)]", "</answer>", "not in y]", "x='", 'x="', '"])]']
+
+
+def _never_parses(prefix: str) -> bool:
+    for rest in RESCUES:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", SyntaxWarning)  # "invalid decimal literal" on `1if` and the like
+                ast.parse(bfcl_trim(prefix + rest), mode="eval")
+            return False
+        except (SyntaxError, ValueError):
+            pass
+    return True
+
+
+@pytest.mark.parametrize("text,undecodable", [
+    ("The change in entropy is", True), ("<think>Your reasoning</think><answer>The", True),
+    ("You can use the `get_data` function", True), ("\n\nThe JSON format is:", True), ("10 is the only one", True),
+    ("Here is a list of", True), ("Yes, you can perform", True), ("[f(x)] then ", True), ("[f(x)]\nThe end", True),
+    ("'a' b ", True), ("[f(x=1) g(", True), ("<answer></answ", True), ("[, x", True), ("(== ", True),
+    ("print x ", True),
+    # might still decode: an incomplete last name, keywords and soft keywords, numbers that may grow, lambdas
+    ("The i", False), ("Your answer", False), ("print x", False), ("x 1e+", False), ("1e+", False), ("1e ", False),
+    ("[f(x) for x in y", False), ("[f(x) if y else g(", False), ("(lambda a, /: a)", False), ("f(a=1, b=", False),
+    ("[match x", False), ("[x not in y", False), ("[x is not y", False), ("x if", False), ("f'{x!r:>{w}}' ", False),
+    ("[mix_paint_color(\n    \"yellow\",\n    \"blue\"", False), ("You've already", False), ("", False),
+    ("[get_weather(city='Paris', unit=\"c\")]", False), ("'a' 'b' ", False), ("0x1f ", False), ("f(*a, **k) ", False),
+])
+def test_undecodable_prefix(text, undecodable):
+    assert undecodable_prefix(text) is undecodable
+    if undecodable:  # and then indeed no continuation parses
+        assert _never_parses(text)
+
+
+VALID_EXPRESSIONS = [
+    "[f(x=1), g.h(y='a b c', z=[1, 2.5e-3, -4j, 0x1F, 1_000, True, None])]", "f(a=lambda x, /, *, y=1: x if y else -x)",
+    "[f(x=[i for i in range(3) if i not in (1,)], y={k: v for k, v in d.items()})]", "f(x=(y := 2), z=not y)",
+    "[f(s=f'{a!r:>{w}} and {b=}'), g(t=rb'\\x00' b'concat', u='a' \"more\")]", "f(x=a[1:2, ::3], y=b.c(d)[0].e)",
+    "[f(x=1 if a else 2, y=a is not b, z=c in d or e and not f)]", "f(x='''multi\nline''', y=1e+5, z=.5)",
+    "[f(x={'a': [1, {'b': (2, 3)}]}, y=-(1 + 2) * 3 ** 4 // 5 % 6)]", "f(match=1, case=2, type=3, _=4)",
+    "[get_weather(city='San Francisco, CA', unit=\"fahrenheit\")]", "f(x=await_, y=print)", "f(\n    a=1,\n    b=2\n)",
+]
+
+
+def test_no_prefix_of_a_decodable_answer_is_undecodable():
+    """Every prefix of a text that parses might still decode: BFCL's ground truths written as calls (as a model
+    should answer) and Python's less common expression syntax."""
+    from eval.bfcl import find_data_dir, load_category
+
+    answers = list(VALID_EXPRESSIONS)
+    rng = random.Random(0)
+    for category in ("simple_python", "multiple", "parallel", "parallel_multiple", "live_simple", "live_multiple"):
+        for item in rng.sample(load_category(category, find_data_dir()), 25):
+            calls = [{"name": name, "arguments": {k: v[0] for k, v in args.items() if v and v[0] != ""}}
+                     for truth in item["ground_truth"] for name, args in truth.items()]
+            answers.append(format_calls(calls))
+    for answer in answers:
+        ast.parse(bfcl_trim(answer), mode="eval")  # the test's own premise: the whole text parses
+        for text in (answer, f"\n {answer}", f"```\n{answer}"):
+            flagged = [text[:n] for n in range(len(text) + 1) if undecodable_prefix(text[:n])]
+            assert not flagged, (answer, flagged[:3])
+
+
+_PIECES = st.sampled_from(["The", "change", "is", "not", "if", "x", "f(", ")", "]", "[", "1", "1e", "+", "'a'", '"',
+                           "'", ",", "=", "<", "<answer>", "lambda", "/", ":", "\n", " ", "  ", "#", "\\", "`", "_",
+                           "in", "for", "0x", "j", "f'{", "}", "match", "é", "."])
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(_PIECES, max_size=14).map("".join))
+def test_undecodable_prefixes_never_parse(text):
+    if undecodable_prefix(text):
+        assert _never_parses(text), text
 
 
 # ------------------------------------------------------------------------------------------------ checker
