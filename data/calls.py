@@ -678,7 +678,6 @@ def decode_bfcl_result(result) -> list[dict] | None:
         return None
 
 
-
 # Tokens after which an expression must begin (or the bracket close), and operators no expression begins with.
 # (`/` is left out: `lambda a, /: a` is an expression.)
 _EXPRESSION_FOLLOWS = {"[", "(", "{", ","}
@@ -704,7 +703,10 @@ def undecodable_prefix(text: str) -> bool:
     line_starts = [0]
     for line in source.split("\n")[:-1]:
         line_starts.append(line_starts[-1] + len(line) + 1)
-    offset = lambda position: line_starts[position[0] - 1] + position[1]  # noqa: E731  (row, column) -> index
+
+    def offset(position: tuple[int, int]) -> int:  # a token's (row, column) -> index in source
+        return line_starts[position[0] - 1] + position[1]
+
     before = None
     try:
         for token in tokenize.generate_tokens(io.StringIO(source).readline):
@@ -733,6 +735,7 @@ def _is_operand(token, closing: set) -> bool:
     if token.type == tokenize.NUMBER:
         return token.string.isascii()
     return bool(closing) and (token.type == tokenize.STRING or token.string in closing)
+
 
 # ----------------------------------------------------------------------------------------------------
 # Checker (BFCL AST semantics)
