@@ -77,6 +77,22 @@ def test_the_budget_skips_stages_it_cannot_hold(tmp_path, capsys):
     assert len(read_report(tmp_path)) == 4  # appended to the earlier run's lines
 
 
+def test_the_default_budget_holds_every_stage_and_the_readme_states_the_estimates():
+    """Run with no --budget, no stage is skipped for its estimate; the README's table gives the code's estimates
+    and their sum (a stage whose estimate grew once left the default budget short of the last stage)."""
+    estimates = [s.h200_estimate_s for s in gpucheck.STAGES]
+    assert gpucheck.default_budget_s(tiny=False) >= sum(estimates)
+    assert gpucheck.default_budget_s(tiny=True) >= sum(s.tiny_estimate_s for s in gpucheck.STAGES)
+    readme = (ROOT / "README.md").read_text()
+    table = {}
+    for i, stage in enumerate(gpucheck.STAGES):
+        row = next(line for line in readme.splitlines() if line.startswith(f"| {i} {stage.name} |"))
+        table[stage.name] = float(row.rstrip(" |").rsplit("|", 1)[1].removesuffix(" s"))
+    assert table == {s.name: s.h200_estimate_s for s in gpucheck.STAGES}
+    assert f"The estimates ({sum(estimates):.0f} s in all; `--budget` defaults to them plus a tenth, " \
+           f"{gpucheck.default_budget_s(tiny=False):.0f} s)" in readme
+
+
 def test_stage_selection_and_its_errors():
     assert gpucheck._parse_stages("7,0,scoring") == [0, 4, 7]
     assert gpucheck._parse_stages(None) == list(range(len(gpucheck.STAGES)))
