@@ -8,15 +8,14 @@ import dataclasses
 import json
 import os
 import random
-import sys
 import time
-import types
 import warnings
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from bfcl_official import vendor_stubs
 from data.calls import (MAX_FOLDED_SIZE, MAX_KEY_SIZE, MAX_REASON_CHARS, MAX_TEXT_CHARS, REASON_CODES, CallSyntaxError,
                         PromptFormat, bfcl_trim, build_messages, category_kind, check_calls, decode_bfcl_result,
                         extract_answer, format_calls, ground_truth_from_answers, normalize_string, parse_completion,
@@ -529,43 +528,15 @@ def test_answers_built_from_bfcl_ground_truth_pass(category):
 # ------------------------------------------------------------------------------------------------ differential
 
 def load_official_checker():
-    """BFCL's own checker and prompt-mode decoder, imported with stand-ins for the vendor SDK modules its
-    package imports (model_config pulls every API client in). Returns None when that still fails."""
-    added = []
-
-    def stub(name, **attrs):
-        if name not in sys.modules:
-            module = types.ModuleType(name)
-            module.__dict__.update(attrs)
-            sys.modules[name] = module
-            added.append(name)
-
-    class _Config:
-        underscore_to_dot = False   # prompt-mode models keep dotted names
-
-    class _AnyModel(dict):
-        def __missing__(self, key):
-            return _Config()
-
-    stub("bfcl_eval.constants.model_config", MODEL_CONFIG_MAPPING=_AnyModel())
-    stub("bfcl_eval.model_handler.parser.java_parser", parse_java_function_call=None)
-    stub("bfcl_eval.model_handler.parser.js_parser", parse_javascript_function_call=None)
-    try:
-        import tenacity  # noqa: F401
-    except ImportError:
-        decorator = lambda *a, **k: (lambda fn: fn)  # noqa: E731
-        stub("tenacity", retry=decorator, retry_if_exception_message=decorator,
-             retry_if_exception_type=decorator, wait_random_exponential=decorator)
-    try:
-        from bfcl_eval.constants.enums import Language
-        from bfcl_eval.eval_checker.ast_eval.ast_checker import ast_checker
-        from bfcl_eval.model_handler.utils import default_decode_ast_prompting
-        from bfcl_eval.utils import is_empty_output
-    except Exception:
-        return None
-    finally:
-        for name in added:
-            sys.modules.pop(name, None)
+    """BFCL's own checker and prompt-mode decoder (tests/bfcl_official.py). Returns None when they do not import."""
+    with vendor_stubs():
+        try:
+            from bfcl_eval.constants.enums import Language
+            from bfcl_eval.eval_checker.ast_eval.ast_checker import ast_checker
+            from bfcl_eval.model_handler.utils import default_decode_ast_prompting
+            from bfcl_eval.utils import is_empty_output
+        except Exception:
+            return None
     return ast_checker, default_decode_ast_prompting, is_empty_output, Language
 
 

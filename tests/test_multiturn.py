@@ -9,6 +9,7 @@ import types
 
 import pytest
 
+from bfcl_official import vendor_stubs
 from data.calls import PromptFormat
 from eval import multiturn as mt
 
@@ -39,41 +40,14 @@ def _entry(corpus, category, index):
 # ------------------------------------------------------------------------------------------------ official checker
 
 def load_official_multi_turn():
-    """bfcl_eval's multi-turn checker and prompt-mode execute decoder, imported with stand-ins for the vendor SDK
-    modules its package imports. Returns None when that still fails."""
-    added = []
-
-    def stub(name, **attrs):
-        if name not in sys.modules:
-            module = types.ModuleType(name)
-            module.__dict__.update(attrs)
-            sys.modules[name] = module
-            added.append(name)
-
-    class _Config:
-        underscore_to_dot = False
-
-    class _AnyModel(dict):
-        def __missing__(self, key):
-            return _Config()
-
-    stub("bfcl_eval.constants.model_config", MODEL_CONFIG_MAPPING=_AnyModel())
-    stub("bfcl_eval.model_handler.parser.java_parser", parse_java_function_call=None)
-    stub("bfcl_eval.model_handler.parser.js_parser", parse_javascript_function_call=None)
-    try:
-        import tenacity  # noqa: F401
-    except ImportError:
-        decorator = lambda *a, **k: (lambda fn: fn)  # noqa: E731
-        stub("tenacity", retry=decorator, retry_if_exception_message=decorator,
-             retry_if_exception_type=decorator, wait_random_exponential=decorator)
-    try:
-        from bfcl_eval.eval_checker.multi_turn_eval import multi_turn_checker, multi_turn_utils
-        from bfcl_eval.model_handler.utils import default_decode_execute_prompting
-    except Exception:
-        return None
-    finally:
-        for name in added:
-            sys.modules.pop(name, None)
+    """bfcl_eval's multi-turn checker and prompt-mode execute decoder (tests/bfcl_official.py). Returns None when
+    they do not import."""
+    with vendor_stubs():
+        try:
+            from bfcl_eval.eval_checker.multi_turn_eval import multi_turn_checker, multi_turn_utils
+            from bfcl_eval.model_handler.utils import default_decode_execute_prompting
+        except Exception:
+            return None
     return multi_turn_checker.multi_turn_checker, default_decode_execute_prompting, multi_turn_utils
 
 
