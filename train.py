@@ -38,7 +38,7 @@ from model.score import PolicyScorer, describe_paths
 from rl.config_cli import config_to_json, parse_config
 from rl.dist import Dist, full_params, init_distributed, wrap_for_training
 from rl.grpo import group_advantages
-from rl.metrics import append_row, peak_memory_gb, step_metrics, write_samples
+from rl.metrics import append_row, memory_gb, peak_memory_gb, step_metrics, write_samples
 from rl.rollout import PromptCursor, collect_rollouts, seed_for
 from rl.update import score_rollouts, update_policy
 from rl.warmup import supervised_warmup
@@ -337,7 +337,8 @@ def main(argv=None):
         row = {"phase": "rl", "step": step + 1, **step_metrics(batch, advantages, stats, d),
                "lr": optimizer.param_groups[0]["lr"], "skipped_updates": skipped_updates,
                "time_sample": t_sample, "time_score": t_score, "time_update": t_update, "time_step": elapsed,
-               "tokens_per_s": stats["tokens"] / elapsed, "peak_mem_gb": peak_memory_gb(device)}
+               "tokens_per_s": stats["tokens"] / elapsed, "peak_mem_gb": peak_memory_gb(device),
+               "mem_gb": memory_gb(device)}
         write_row(row)
         bar.set_postfix(reward=f"{row['reward']:.2f}", kl=f"{row['kl']:.4f}", H=f"{row['cot_entropy']:.2f}",
                         s=f"{elapsed:.1f}")

@@ -6,6 +6,7 @@ data.calls.REASON_CODES), plus `reason/correct` for right answers.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -69,7 +70,28 @@ def write_samples(path, step: int, batch: RolloutBatch, prefill: str) -> list[di
 
 
 def peak_memory_gb(device: torch.device) -> float:
+    """The most memory the process has held so far: CUDA tensors' high-water mark, or on CPU the peak resident set."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+    # the kernel's resident counters are approximate by a few pages per thread: keep the peak >= the current value
+    return max(peak, _resident_gb() or 0.0)
+
+
+def memory_gb(device: torch.device) -> float:
+    """The memory held now (CUDA tensors, or on CPU the resident set): logged after every step next to the peak, it
+    tells memory that something keeps across steps (it would grow from step to step) from a peak set once. On CPU
+    the resident set also counts what the C allocator keeps of freed memory, which moves from step to step."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device) / 2**30
+    now = _resident_gb()
+    return peak_memory_gb(device) if now is None else now  # no /proc (macOS): the peak is the best there is
+
+
+def _resident_gb() -> float | None:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+    except (OSError, ValueError, IndexError):
+        return None

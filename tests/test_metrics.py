@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from rl.dist import Dist
-from rl.metrics import step_metrics, write_samples
+from rl.metrics import memory_gb, peak_memory_gb, step_metrics, write_samples
 from rl.rollout import RolloutBatch
 
 STATS = {"loss": 0.5, "kl": 0.02, "clip_frac": 0.0, "grad_norm": 1.5, "bonus": 0.1, "cot_entropy": 0.8,
@@ -47,3 +47,15 @@ def test_samples_hold_prefill_and_reason(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "s.jsonl").read_text().splitlines()]
     assert [(r["step"], r["id"], r["prompt"], r["completion"], r["reason"]) for r in rows] == [
         (3, "r0", "q0", "<think>x", ""), (3, "r1", "q1", "<think>x", "wrong_count")]
+
+
+def test_memory_now_follows_what_is_held_and_stays_under_the_peak():
+    cpu = torch.device("cpu")
+    before = memory_gb(cpu)
+    held = torch.ones(64 * 2**20)  # 256 MiB, every page written
+    during = memory_gb(cpu)
+    assert during - before > 0.2, (before, during)
+    assert during <= peak_memory_gb(cpu) + 1e-3
+    vm_rss_kib = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmRSS"))
+    assert abs(memory_gb(cpu) - vm_rss_kib / 2**20) < 0.05
+    del held

@@ -44,6 +44,8 @@ def test_run_writes_config_metrics_samples_checkpoint(tiny_dir, tiny_data, tmp_p
     for key in ("reward", "kl", "cot_entropy", "clip_frac", "grad_norm", "zero_var_frac", "logp_gap_mean", "lr",
                 "truncated_frac", "resp_len_mean", "format_error_rate", "bonus", "adv_mean"):
         assert key in rows[0], key
+    raw = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all(0.1 < r["mem_gb"] <= r["peak_mem_gb"] for r in raw if r["phase"] == "rl")  # GiB, resident set <= peak
     # fp32 tiny model: the sampler's and the trainer's log-probs are the same distribution
     assert rows[0]["logp_gap_max"] < 1e-3
     assert rows[0]["tis_weight_mean"] == pytest.approx(1.0, abs=1e-4) and rows[0]["tis_capped_frac"] == 0.0

@@ -9,7 +9,7 @@ from pathlib import Path
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
-VOLATILE = ("time_", "tokens_per_s", "peak_mem_gb")
+VOLATILE = ("time_", "tokens_per_s", "peak_mem_gb", "mem_gb")
 
 
 def _args(tiny_dir, tiny_data, out, *extra):
