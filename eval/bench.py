@@ -489,6 +489,8 @@ def bench_step(argv):
               "score_s": mean("time_score"), "update_s": mean("time_update"),
               "resp_len_mean": mean("resp_len_mean"), "peak_rss_gb": peak_rss,
               "peak_rss_gb_at_last_step": max(r["peak_mem_gb"] for r in steps),
+              # what the process held after each step, the first too: growth here would be memory kept across steps
+              "rss_gb_after_steps": [round(r["mem_gb"], 2) for r in rows if r.get("phase") == "rl"],
               "settings": f"{args.model}, 2 prompts x G=8, {args.max_new_tokens} new tokens, beta 0.001"
                           + (f", {args.extra}" if args.extra else "")}
     print_table([{"metric": k, "value": v} for k, v in result.items()], ["metric", "value"])
