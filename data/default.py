@@ -635,6 +635,16 @@ def load_default(split: str = "train") -> list[dict]:
     return load_records(path)
 
 
-if __name__ == "__main__":
-    for split, path in write_default().items():
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m data.default", description="Regenerate the embedded default data "
+                                 "(train.jsonl and val.jsonl; deterministic: the same bytes on every run).")
+    ap.add_argument("--out-dir", default=str(DEFAULT_DIR), help="where to write the two files")
+    args = ap.parse_args(argv)
+    for split, path in write_default(args.out_dir).items():
         print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
+
+
+if __name__ == "__main__":
+    main()

@@ -454,8 +454,10 @@ def _children_peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20  # KiB -> GiB
 
 
-# The settings `step` runs train.py at, and `trl` runs TRL's GRPOTrainer at.
-STEP_SETTINGS = dict(prompts_per_step=2, group_size=8, kl_coef=0.001, temperature=0.7, lr=2e-5, seed=0)
+# The settings `step` runs train.py at, and `trl` runs TRL's GRPOTrainer at. Both run the same number of steps by
+# default, so both count the same prompts: how long the model answers differs a lot from prompt to prompt (at seed 0
+# the base model's completions average about 66, 92 and 111 tokens on the prompts of steps 2, 3 and 4).
+STEP_SETTINGS = dict(prompts_per_step=2, group_size=8, kl_coef=0.001, temperature=0.7, lr=2e-5, seed=0, steps=4)
 
 
 def bench_step(argv):
@@ -467,7 +469,8 @@ def bench_step(argv):
     import tempfile
 
     ap = argparse.ArgumentParser(prog="python -m eval.bench step")
-    ap.add_argument("--steps", type=int, default=4, help="steps to run; the first is not counted")
+    ap.add_argument("--steps", type=int, default=STEP_SETTINGS["steps"],
+                    help="steps to run; the first is not counted (trl's default is the same)")
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--extra", default="", help="more train.py flags, e.g. '--share-prompt-kv false'")
@@ -488,6 +491,9 @@ def bench_step(argv):
     result = {"steps_counted": len(steps), "sec_per_step": mean("time_step"), "sample_s": mean("time_sample"),
               "score_s": mean("time_score"), "update_s": mean("time_update"),
               "resp_len_mean": mean("resp_len_mean"), "peak_rss_gb": peak_rss,
+              # per counted step, to set beside trl's (the same prompts at the same step)
+              "sec_each_step": [round(r["time_step"], 1) for r in steps],
+              "resp_len_each_step": [round(r["resp_len_mean"], 1) for r in steps],
               "peak_rss_gb_at_last_step": max(r["peak_mem_gb"] for r in steps),
               # what the process held after each step, the first too: growth here would be memory kept across steps
               "rss_gb_after_steps": [round(r["mem_gb"], 2) for r in rows if r.get("phase") == "rl"],
@@ -557,7 +563,8 @@ def bench_trl(argv):
     import subprocess
 
     ap = argparse.ArgumentParser(prog="python -m eval.bench trl")
-    ap.add_argument("--steps", type=int, default=3, help="steps to run; the first is not counted")
+    ap.add_argument("--steps", type=int, default=STEP_SETTINGS["steps"],
+                    help="steps to run; the first is not counted (step's default is the same: the same prompts)")
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--gradient-checkpointing", choices=["on", "off"], default="on", help="TRL's default: on")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # internal: the training process
@@ -583,6 +590,8 @@ def bench_trl(argv):
     result = {"steps_counted": len(times) - 1, "sec_per_step": sum(times[1:]) / (len(times) - 1),
               "resp_len_mean": sum(lengths[1:]) / max(len(lengths) - 1, 1) if len(lengths) > 1 else None,
               "peak_rss_gb": _children_peak_rss_gb(), "trl": worker["trl"],
+              "sec_each_step": [round(t, 1) for t in times[1:]],
+              "resp_len_each_step": [round(n, 1) for n in lengths[1:]],
               "gradient_checkpointing": args.gradient_checkpointing,
               "settings": f"smollm2-135m, 2 prompts x G=8, {args.max_new_tokens} new tokens, beta 0.001"}
     print_table([{"metric": k, "value": v} for k, v in result.items()], ["metric", "value"])

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from data.default import BANK, COUNTS, DEFAULT_DIR, POOLS, TOOLS, dumps, generate, load_default
+from data.default import BANK, COUNTS, DEFAULT_DIR, POOLS, TOOLS, dumps, generate, load_default, main
 from data.validate import CATEGORIES, check_structure, validate_record
 
 BFCL_DATA = Path(__import__("bfcl_eval").__file__).parent / "data"
@@ -28,6 +28,17 @@ def test_generation_is_deterministic_and_matches_the_committed_files(generated):
         assert dumps(generated[split]) == (DEFAULT_DIR / f"{split}.jsonl").read_text(encoding="utf-8"), \
             f"data/default/{split}.jsonl is stale: run python -m data.default"
     assert dumps(generate()["val"]) == dumps(generated["val"])
+
+
+def test_the_command_line_writes_where_asked_and_help_writes_nothing(tmp_path, capsys):
+    mtimes = {s: (DEFAULT_DIR / f"{s}.jsonl").stat().st_mtime_ns for s in ("train", "val")}
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0 and "--out-dir" in capsys.readouterr().out
+    main(["--out-dir", str(tmp_path / "out")])
+    for split in ("train", "val"):
+        assert (tmp_path / "out" / f"{split}.jsonl").read_bytes() == (DEFAULT_DIR / f"{split}.jsonl").read_bytes()
+        assert (DEFAULT_DIR / f"{split}.jsonl").stat().st_mtime_ns == mtimes[split]
 
 
 def test_files_are_small():
