@@ -1,5 +1,5 @@
 """Helpers for tests on the tiny model: end-to-end runs of train.py (fixtures tiny_dir / tiny_data: conftest.py),
-counting the tokens a model is fed."""
+counting the tokens a model is fed, comparing gradients."""
 import json
 import os
 import subprocess
@@ -58,3 +58,12 @@ def count_fed_tokens(model, monkeypatch) -> list[int]:
 
     monkeypatch.setattr(type(model), "forward", counting_forward)
     return fed
+
+
+def assert_grad_close(actual, expected, rel=1e-5):
+    """Two float32 gradients that sum the same terms in different orders: the worst difference against the
+    tensor's largest entry. Entry by entry tolerances fail at random, since a small entry that sums large terms
+    which cancel carries the rounding of those terms, not of its own size."""
+    scale = expected.abs().max().item()
+    worst = (actual - expected).abs().max().item()
+    assert worst <= rel * scale, f"gradients differ by {worst:.3g}, over {rel:g} x their largest entry {scale:.3g}"
