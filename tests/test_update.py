@@ -112,7 +112,7 @@ def test_micro_batched_step_equals_the_whole_batch_step(tiny_tokenizer, loss_agg
         stats = update_policy(scorer, model, optimizer, batch, scored, advantages, 0, cfg, Dist(), log=lambda m: None)
         results[budget] = (dict(model.named_parameters()), stats, scored)
     (p0, s0, sc0), (p1, s1, sc1) = results[0], results[16]
-    torch.testing.assert_close(sc1.ref_logp, sc0.ref_logp, rtol=0, atol=1e-6)
+    torch.testing.assert_close(sc1.ref_logp, sc0.ref_logp, rtol=0, atol=1e-5)  # ~20 float32 ulps at |logp| ~6
     moved = 0
     for name, before in policy.named_parameters():
         grad0, grad1 = (p0[name] - before) / LR, (p1[name] - before) / LR

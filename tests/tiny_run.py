@@ -61,9 +61,9 @@ def count_fed_tokens(model, monkeypatch) -> list[int]:
 
 
 def assert_grad_close(actual, expected, rel=1e-5):
-    """Two float32 gradients that sum the same terms in different orders: the worst difference against the
-    tensor's largest entry. Entry by entry tolerances fail at random, since a small entry that sums large terms
-    which cancel carries the rounding of those terms, not of its own size."""
+    """A float32 gradient against the same terms summed in another order (or in float64): the worst difference
+    against the tensor's largest entry. Entry by entry tolerances fail at random, since a small entry that sums
+    large terms which cancel carries the rounding of those terms, not of its own size."""
     scale = expected.abs().max().item()
     worst = (actual - expected).abs().max().item()
     assert worst <= rel * scale, f"gradients differ by {worst:.3g}, over {rel:g} x their largest entry {scale:.3g}"
