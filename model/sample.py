@@ -724,6 +724,8 @@ def sample(model, tokenizer, prompt_ids: list[list[int]], group_size: int = 8, m
     max_rows: at most this many rows decode at once (None: as many as token_budget allows); when rows finish,
         waiting prompts join (dynamic cache with prefill_once; otherwise one batch after another).
     progress: True for a progress bar of completions, or a bar of the caller's (anything with update(n)).
+    One call at a time per model: a call swaps the lm_head's forward (packed_linear) and, decoding grouped, the
+    attention implementation, for its duration, so calls from two threads on one model break each other.
     """
     if not prompt_ids:
         raise ValueError("sample() got no prompts")
